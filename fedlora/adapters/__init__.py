@@ -1,0 +1,1 @@
+"""LoRA injection with peft, adapter state extract/load, and its transport form."""

@@ -1,0 +1,87 @@
+"""Inject LoRA into a frozen base model with peft; read and write the adapter state.
+
+The adapter state is a flat ``{name: float32 ndarray}`` in peft's saved-adapter naming
+(``…query.lora_A.weight``, ``…query.lora_B.weight``, plus the classification head for
+sequence classification, which peft trains in full as a ``modules_to_save`` module). For
+a module with frozen weight W0 (d×k) the adapted forward is ``W0 x + (α/r)·B A x`` with
+A (r×k) and B (d×r).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import peft
+import torch
+from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+from fedlora.config import LoraConfig
+from fedlora.models.loading import load_base_model
+
+AdapterState = dict[str, np.ndarray]
+LORA_A = ".lora_A.weight"
+LORA_B = ".lora_B.weight"
+
+
+def peft_config(cfg: LoraConfig, task: str) -> peft.LoraConfig:
+    """peft's LoraConfig for a fedlora LoRA config; ``targets='auto'`` uses peft's per-architecture default."""
+    targets = None if cfg.targets == "auto" else [t.strip() for t in cfg.targets.split(",") if t.strip()]
+    return peft.LoraConfig(
+        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
+        task_type="SEQ_CLS" if task == "classification" else "CAUSAL_LM",
+    )
+
+
+def inject_lora(model: torch.nn.Module, cfg: LoraConfig, task: str, seed: int) -> PeftModel:
+    """Wrap ``model`` with LoRA adapters; A is drawn from ``seed``, B starts at zero."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            return get_peft_model(model, peft_config(cfg, task))
+        except ValueError as err:  # peft's message for unknown target modules
+            raise ValueError(f"lora.targets={cfg.targets!r} does not fit this model: {err}") from err
+
+
+@lru_cache(maxsize=2)
+def cached_lora_model(model_name: str, task: str, num_labels: int, cfg: LoraConfig, seed: int, device: str) -> PeftModel:
+    """The adapted model for this process, built once and reused across rounds.
+
+    Every use loads a full adapter state into it first (:func:`load_adapter_state`), so
+    what one round leaves behind never leaks into the next.
+    """
+    model = load_base_model(model_name, task, num_labels)
+    return inject_lora(model, cfg, task, seed).to(device)
+
+
+def adapter_state(model: PeftModel) -> AdapterState:
+    """The trainable adapter tensors as float32 numpy arrays (bf16 cannot travel in an ArrayRecord)."""
+    return {k: v.detach().to("cpu", torch.float32).numpy().copy() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def load_adapter_state(model: PeftModel, state: AdapterState) -> None:
+    """Overwrite the model's adapter with ``state``; every adapter tensor must be present with its shape."""
+    own = get_peft_model_state_dict(model)
+    missing = sorted(set(own) - set(state))
+    extra = sorted(set(state) - set(own))
+    if missing or extra:
+        raise ValueError(f"adapter state does not fit the model: missing {missing[:3]}, unexpected {extra[:3]}")
+    for key, value in own.items():
+        if tuple(state[key].shape) != tuple(value.shape):
+            raise ValueError(f"adapter tensor {key!r} has shape {state[key].shape}, the model expects {tuple(value.shape)}")
+    device = next(model.parameters()).device
+    tensors = {k: torch.as_tensor(np.asarray(v), dtype=own[k].dtype, device=device) for k, v in state.items()}
+    result = set_peft_model_state_dict(model, tensors)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ValueError(f"peft did not place adapter tensors {unexpected[:3]}")
+
+
+def lora_modules(state: AdapterState) -> list[str]:
+    """Module prefixes that carry a LoRA pair (A and B) in ``state``, sorted."""
+    return sorted(k[: -len(LORA_A)] for k in state if k.endswith(LORA_A) and k[: -len(LORA_A)] + LORA_B in state)
+
+
+def scaling(cfg: LoraConfig) -> float:
+    """The LoRA scale s = α / r."""
+    return cfg.alpha / cfg.rank

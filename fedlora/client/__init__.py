@@ -1,0 +1,1 @@
+"""The ClientApp: receive the global adapter, train locally, reply with the update."""

@@ -1,0 +1,212 @@
+"""The run configuration: one typed, validated view of Flower's flat run config.
+
+Flower hands every app a flat ``dict[str, int | float | str | bool]`` built from
+``[tool.flwr.app.config]`` in pyproject.toml plus ``--run-config`` overrides, with
+nested TOML tables flattened to dotted keys (``lora.rank``). :func:`parse_config`
+turns that dict into a frozen :class:`RunConfig`, rejecting unknown keys, wrong types
+and out-of-range values with an error that names the key, the bad value and what is
+allowed — before any model is loaded or any round starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+Check = Callable[[Any], str | None]
+
+
+class ConfigError(ValueError):
+    """A run-config value is missing, unknown, mistyped or out of range."""
+
+
+def one_of(*allowed: str) -> Check:
+    """Accept only the listed strings."""
+    return lambda v: None if v in allowed else f"one of {', '.join(map(repr, allowed))}"
+
+
+def positive(v: float) -> str | None:
+    return None if v > 0 else "a number > 0"
+
+
+def non_negative(v: float) -> str | None:
+    return None if v >= 0 else "a number >= 0"
+
+
+def unit_fraction(v: float) -> str | None:
+    return None if 0 < v <= 1 else "a fraction in (0, 1]"
+
+
+def fraction_or_zero(v: float) -> str | None:
+    return None if 0 <= v <= 1 else "a fraction in [0, 1]"
+
+
+def open_fraction(v: float) -> str | None:
+    return None if 0 < v < 1 else "a fraction in (0, 1)"
+
+
+def below_one(v: float) -> str | None:
+    return None if 0 <= v < 1 else "a number in [0, 1)"
+
+
+def device_name(v: str) -> str | None:
+    ok = v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit())
+    return None if ok else "'auto', 'cpu', 'cuda' or 'cuda:N'"
+
+
+def knob(default: Any, check: Check | None = None, doc: str = "") -> Any:
+    """A config field: its default, an optional range check and a one-line doc."""
+    return field(default=default, metadata={"check": check, "doc": doc})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = knob("minilm", doc="built-in name (minilm, smollm2, tiny-bert, tiny-llama), HF hub id or local path")
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    name: str = knob("chatterbot-topics", doc="built-in name (chatterbot-topics, chatterbot-qa), HF hub id or local file")
+    task: str = knob("auto", one_of("auto", "classification", "instruction"), "task kind; auto for built-ins")
+    split: str = knob("train", doc="split to load from a hub dataset")
+    text_column: str = knob("text", doc="classification input column")
+    label_column: str = knob("label", doc="classification label column")
+    prompt_column: str = knob("prompt", doc="instruction prompt column")
+    response_column: str = knob("response", doc="instruction response column")
+    max_length: int = knob(64, positive, "tokens per example (longer ones are truncated)")
+    eval_fraction: float = knob(0.2, open_fraction, "held-out share for server evaluation")
+    eval_max_examples: int = knob(0, non_negative, "cap on held-out examples (0 = all)")
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    kind: str = knob("iid", one_of("iid", "dirichlet", "natural"), "how the train split is divided among clients")
+    alpha: float = knob(0.5, positive, "Dirichlet concentration (smaller = more label skew)")
+    column: str = knob("topic", doc="column whose values define the natural partitions")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    rank: int = knob(8, positive, "LoRA rank r")
+    alpha: float = knob(16, positive, "LoRA alpha; the update is scaled by alpha / r")
+    dropout: float = knob(0.0, below_one, "dropout on the LoRA input")
+    targets: str = knob("auto", doc="comma-separated module names, or auto (attention query/value)")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    strategy: str = knob("fedavg", doc="aggregation strategy (see fedlora.strategies.STRATEGIES)")
+    num_server_rounds: int = knob(5, positive, "federated rounds")
+    fraction_train: float = knob(1.0, unit_fraction, "share of connected clients sampled per round")
+    fraction_evaluate: float = knob(0.0, fraction_or_zero, "share of clients that also evaluate the global adapter on their local data")
+    weighting: str = knob("num-examples", one_of("num-examples", "uniform"), "client weights p_k in every average")
+    min_clients: int = knob(1, positive, "fewest replies a round needs to aggregate")
+    round_timeout: float = knob(600.0, positive, "seconds to wait for clients in a round")
+    local_steps: int = knob(10, positive, "optimizer steps per client per round")
+    batch_size: int = knob(16, positive, "examples per local step")
+    optimizer: str = knob("adamw", one_of("adamw", "sgd"), "client optimizer")
+    lr: float = knob(1e-3, positive, "client learning rate")
+    weight_decay: float = knob(0.0, non_negative, "client weight decay")
+    seed: int = knob(42, non_negative, "seed for initialisation, partitioning, sampling and training")
+    output_dir: str = knob("", doc="run directory; empty = runs/<timestamp>-<strategy>")
+    device: str = knob("auto", device_name, "compute device")
+    precision: str = knob("auto", one_of("auto", "fp32", "bf16", "fp16"), "autocast precision on CUDA")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def to_flat(self) -> dict[str, Any]:
+        """The config as Flower's flat dotted-key dict (what config.json stores)."""
+        return dict(_flatten(self))
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _flatten(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    items: list[tuple[str, Any]] = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = prefix + _key(f.name)
+        if dataclasses.is_dataclass(value):
+            items.extend(_flatten(value, key + "."))
+        else:
+            items.append((key, value))
+    return items
+
+
+def default_flat_config() -> dict[str, Any]:
+    """Every key with its default value."""
+    return RunConfig().to_flat()
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        expected = "a boolean"
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        expected = "an integer"
+    elif isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        expected = "a number"
+    else:
+        if isinstance(value, str):
+            return value
+        expected = "a string (quote it: key='value')"
+    raise ConfigError(f"config key '{key}' = {value!r} is invalid: expected {expected}")
+
+
+def _build(cls: type, flat: Mapping[str, Any], prefix: str) -> Any:
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        key = prefix + _key(f.name)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if dataclasses.is_dataclass(default):
+            kwargs[f.name] = _build(type(default), flat, key + ".")
+            continue
+        if key not in flat:
+            continue
+        value = _coerce(key, flat[key], default)
+        check = f.metadata.get("check")
+        problem = check(value) if check else None
+        if problem:
+            raise ConfigError(f"config key '{key}' = {value!r} is invalid: expected {problem}")
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def parse_config(flat: Mapping[str, Any]) -> RunConfig:
+    """Validate Flower's flat run config and return the typed :class:`RunConfig`.
+
+    Missing keys take their defaults. Raises :class:`ConfigError` naming the key, the
+    value and what is allowed, for unknown keys, wrong types, out-of-range values and
+    names (strategy, model, dataset) that fedlora does not know.
+    """
+    known = default_flat_config()
+    unknown = sorted(set(flat) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(map(repr, unknown))}; known keys: {', '.join(sorted(known))}"
+        )
+    cfg = _build(RunConfig, flat, "")
+    _check_names(cfg)
+    return cfg
+
+
+def _check_names(cfg: RunConfig) -> None:
+    from fedlora.data.sources import check_dataset_name
+    from fedlora.models.registry import check_model_name
+    from fedlora.strategies import check_strategy_config
+
+    check_strategy_config(cfg)
+    check_model_name(cfg.model.name)
+    check_dataset_name(cfg.dataset.name, cfg.dataset.task)

@@ -1,0 +1,1 @@
+"""Datasets, held-out splits, partitioners and tokenization."""

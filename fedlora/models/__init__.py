@@ -1,0 +1,1 @@
+"""Base models and tokenizers: embedded offline defaults, tiny random models, the hub."""

@@ -1,0 +1,159 @@
+"""The thin Flower shell every fedlora strategy shares.
+
+It only moves Messages: sample clients, send them the global state, collect replies,
+hand the parsed updates to the subclass's pure ``aggregate_updates`` and record what
+travelled. A round: ``configure_train`` → clients train → ``aggregate_train`` → core math
+→ new global state → server evaluation → ``on_round`` (metrics sink, checkpoint).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from abc import abstractmethod
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from logging import INFO
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedlora.adapters.transport import from_record, record_bytes, to_record
+from fedlora.config import RunConfig
+from fedlora.strategies.common import AdapterState, client_weights
+
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+
+
+@dataclass
+class ClientUpdate:
+    """One client's parsed training reply."""
+
+    node_id: int
+    partition_id: int
+    state: AdapterState
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class LoraStrategy(Strategy):
+    """Shared plumbing; subclasses implement :meth:`aggregate_updates` (pure math)."""
+
+    name = "base"
+
+    def __init__(self, cfg: RunConfig, initial_state: AdapterState) -> None:
+        self.cfg = cfg
+        self.state = initial_state
+        self._rng = random.Random(cfg.seed)
+        self._round_metrics: dict[str, float] = {}
+        self._rejected: list[str] = []
+
+    # ----- what subclasses provide -------------------------------------------------
+    @abstractmethod
+    def aggregate_updates(self, updates: list[ClientUpdate], weights: np.ndarray) -> tuple[AdapterState, dict[str, float]]:
+        """New global state and strategy metrics (e.g. ``agg_error``) from this round's updates."""
+
+    def download_state(self, server_round: int) -> AdapterState:
+        """What every sampled client receives this round (default: the global adapter)."""
+        return self.state
+
+    def client_config(self, server_round: int) -> dict[str, int | float | str]:
+        """Extra per-round instructions for clients."""
+        return {}
+
+    # ----- Flower Strategy interface ----------------------------------------------
+    def summary(self) -> None:
+        log(INFO, "fedlora strategy %s: fraction-train=%s weighting=%s", self.name, self.cfg.fraction_train, self.cfg.weighting)
+
+    def _sample(self, grid: Grid, fraction: float) -> list[int]:
+        deadline = time.monotonic() + self.cfg.round_timeout
+        while not (nodes := sorted(grid.get_node_ids())) and time.monotonic() < deadline:
+            time.sleep(1)
+        if not nodes:
+            return []
+        k = max(1, int(round(fraction * len(nodes))))
+        return sorted(self._rng.sample(nodes, k))
+
+    def _messages(self, nodes: list[int], arrays: ArrayRecord, server_round: int, message_type: str) -> list[Message]:
+        config = ConfigRecord({"server-round": server_round, **self.client_config(server_round)})
+        return [Message(content=RecordDict({ARRAYS: arrays, CONFIG: config}), message_type=message_type, dst_node_id=n)
+                for n in nodes]
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        nodes = self._sample(grid, self.cfg.fraction_train)
+        record = to_record(self.download_state(server_round))
+        self._round_metrics = {"bytes_down": float(record_bytes(record) * len(nodes)), "num_sampled": float(len(nodes))}
+        return self._messages(nodes, record, server_round, MessageType.TRAIN)
+
+    def _parse(self, reply: Message) -> ClientUpdate:
+        content = reply.content
+        metrics = dict(content[METRICS])
+        return ClientUpdate(
+            node_id=reply.metadata.src_node_id,
+            partition_id=int(metrics.get("partition-id", -1)),
+            state=from_record(content[ARRAYS]),
+            num_examples=int(metrics["num-examples"]),
+            metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
+        )
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        updates: list[ClientUpdate] = []
+        bytes_up = 0
+        self._rejected = []
+        for reply in replies:
+            if reply.has_error():
+                self._rejected.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
+                continue
+            bytes_up += record_bytes(reply.content[ARRAYS])
+            updates.append(self._parse(reply))
+        updates.sort(key=lambda u: (u.partition_id, u.node_id))  # fixed summation order: reproducible
+        metrics = dict(self._round_metrics, bytes_up=float(bytes_up), num_clients=float(len(updates)))
+        if len(updates) < self.cfg.min_clients:
+            log(INFO, "round %d: %d replies < min-clients=%d, global state unchanged", server_round, len(updates), self.cfg.min_clients)
+            return None, MetricRecord(metrics)
+        weights = client_weights([u.num_examples for u in updates], self.cfg.weighting)
+        self.state, extra = self.aggregate_updates(updates, weights)
+        metrics.update(extra)
+        metrics["train_loss"] = float(sum(p * u.metrics.get("train_loss", 0.0) for p, u in zip(weights, updates)))
+        return to_record(self.state), MetricRecord(metrics)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        if self.cfg.fraction_evaluate == 0:
+            return []
+        nodes = self._sample(grid, self.cfg.fraction_evaluate)
+        return self._messages(nodes, to_record(self.download_state(server_round)), server_round, MessageType.EVALUATE)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        results = [dict(r.content[METRICS]) for r in replies if not r.has_error()]
+        if not results:
+            return None
+        weights = client_weights([int(m["num-examples"]) for m in results], self.cfg.weighting)
+        keys = [k for k in results[0] if k.startswith("eval_")]
+        return MetricRecord({f"client_{k}": float(sum(p * m[k] for p, m in zip(weights, results))) for k in keys})
+
+    # ----- the round loop -----------------------------------------------------------
+    def run(self, grid: Grid, evaluate_fn: Callable[[AdapterState], dict[str, float]],
+            on_round: Callable[[int, dict], None]) -> AdapterState:
+        """Round 0 evaluates the initial adapter; rounds 1..N train, aggregate, evaluate, report."""
+        on_round(0, dict(evaluate_fn(self.state), bytes_up=0.0, bytes_down=0.0))
+        for server_round in range(1, self.cfg.num_server_rounds + 1):
+            started = time.monotonic()
+            messages = list(self.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid))
+            replies = grid.send_and_receive(messages, timeout=self.cfg.round_timeout) if messages else []
+            _, train_metrics = self.aggregate_train(server_round, replies)
+            record: dict = dict(train_metrics or {})
+            if self._rejected:
+                record["rejected"] = list(self._rejected)
+            evaluate_messages = list(self.configure_evaluate(server_round, ArrayRecord(), ConfigRecord(), grid))
+            if evaluate_messages:
+                client_eval = self.aggregate_evaluate(server_round, grid.send_and_receive(evaluate_messages, timeout=self.cfg.round_timeout))
+                record.update(dict(client_eval or {}))
+            record.update(evaluate_fn(self.state))
+            record["round_seconds"] = time.monotonic() - started
+            on_round(server_round, record)
+        return self.state
