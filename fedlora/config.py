@@ -95,6 +95,17 @@ class LoraConfig:
 
 
 @dataclass(frozen=True)
+class DPConfig:
+    mode: str = knob("none", one_of("none", "sample", "user"), "differential privacy: none, sample-level on clients (Opacus), user-level at the server")
+    noise_multiplier: float = knob(0.0, non_negative, "Gaussian noise multiplier z; 0 with target-epsilon > 0 = calibrate z from the budget")
+    target_epsilon: float = knob(0.0, non_negative, "privacy budget ε (0 = no budget; then noise-multiplier must be > 0)")
+    delta: float = knob(1e-5, open_fraction, "δ of (ε, δ)-DP")
+    max_grad_norm: float = knob(1.0, positive, "clip norm C: per-sample gradients (sample) or client updates (user)")
+    grad_sample_mode: str = knob("hooks", one_of("hooks", "ghost"), "Opacus per-sample gradient mode")
+    accountant: str = knob("rdp", one_of("rdp", "prv"), "privacy accountant")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     strategy: str = knob("fedavg", doc="aggregation strategy (see fedlora.strategies.STRATEGIES)")
     num_server_rounds: int = knob(5, positive, "federated rounds")
@@ -103,10 +114,10 @@ class RunConfig:
     weighting: str = knob("num-examples", one_of("num-examples", "uniform"), "client weights p_k in every average")
     min_clients: int = knob(1, positive, "fewest replies a round needs to aggregate")
     round_timeout: float = knob(600.0, positive, "seconds to wait for clients in a round")
-    local_steps: int = knob(10, positive, "optimizer steps per client per round")
+    local_steps: int = knob(20, positive, "optimizer steps per client per round")
     batch_size: int = knob(16, positive, "examples per local step")
     optimizer: str = knob("adamw", one_of("adamw", "sgd"), "client optimizer")
-    lr: float = knob(1e-3, positive, "client learning rate")
+    lr: float = knob(5e-3, positive, "client learning rate")
     weight_decay: float = knob(0.0, non_negative, "client weight decay")
     seed: int = knob(42, non_negative, "seed for initialisation, partitioning, sampling and training")
     output_dir: str = knob("", doc="run directory; empty = runs/<timestamp>-<strategy>")
@@ -116,6 +127,7 @@ class RunConfig:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    dp: DPConfig = field(default_factory=DPConfig)
 
     def to_flat(self) -> dict[str, Any]:
         """The config as Flower's flat dotted-key dict (what config.json stores)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any, Mapping
 
 import datasets
 from peft import PeftModel
@@ -16,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from fedlora.adapters.lora import cached_lora_model
 from fedlora.config import RunConfig
 from fedlora.data.partition import load_partition
-from fedlora.data.sources import TaskData, load_task_data
+from fedlora.data.sources import TaskData, load_site_data, load_task_data
 from fedlora.data.tokenize import encode_classification, encode_instruction
 from fedlora.models.loading import load_tokenizer
 from fedlora.models.registry import check_model_task
@@ -65,6 +66,34 @@ def partition_rows(cfg: RunConfig, partition_id: int, num_partitions: int) -> li
     task = load_task(cfg)
     part = load_partition(task.data.train, cfg.partition, partition_id, num_partitions, cfg.seed)
     return task.encode(part, cfg.dataset.max_length)
+
+
+@lru_cache(maxsize=4)
+def site_rows(cfg: RunConfig, data_path: str) -> list[dict]:
+    """A deployed site's own training rows from a local file (JSONL/CSV/parquet with the task's columns).
+
+    The file is read with the run's column settings (``dataset.text-column`` …) and, for
+    classification, mapped onto the run's label set; labels outside it are an error.
+    """
+    task = load_task(cfg)
+    site = load_site_data(cfg.dataset, data_path, task.kind, task.data.labels)
+    return task.encode(site, cfg.dataset.max_length)
+
+
+def client_rows(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[list[dict], int]:
+    """This node's training rows and its partition id (−1 for a site with its own data file).
+
+    Node config either names ``data-path`` (a site's own file) or ``partition-id`` and
+    ``num-partitions`` of the run's dataset (simulation sets these two itself).
+    """
+    if "data-path" in node_config:
+        return site_rows(cfg, str(node_config["data-path"])), int(node_config.get("partition-id", -1))
+    if "partition-id" not in node_config or "num-partitions" not in node_config:
+        raise ValueError(
+            f"node config needs 'partition-id' and 'num-partitions', or 'data-path'; got {dict(node_config)}"
+        )
+    partition_id = int(node_config["partition-id"])
+    return partition_rows(cfg, partition_id, int(node_config["num-partitions"])), partition_id
 
 
 @lru_cache(maxsize=2)

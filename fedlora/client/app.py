@@ -1,7 +1,7 @@
 """The fedlora ClientApp: ``train`` and ``evaluate`` handlers over the Message API.
 
-Each handler parses the run config, takes this node's partition from its node config
-(``partition-id``, ``num-partitions``; simulation sets both), loads the global adapter
+Each handler parses the run config, takes this node's training rows from its node config
+(``partition-id`` + ``num-partitions`` of the run's dataset, or a site's own ``data-path``), loads the global adapter
 from the message into the process's cached model, and replies with an ArrayRecord and
 a MetricRecord carrying ``num-examples``.
 """
@@ -19,25 +19,18 @@ from fedlora.config import RunConfig, parse_config
 from fedlora.device import autocast_dtype, pick_device
 from fedlora.evaluation import evaluate_rows
 from fedlora.strategies.base import ARRAYS, CONFIG, METRICS
-from fedlora.task import adapted_model, load_task, partition_rows
+from fedlora.task import adapted_model, client_rows, load_task
 
 app = ClientApp()
-
-
-def _partition(context: Context) -> tuple[int, int]:
-    node = context.node_config
-    if "partition-id" not in node or "num-partitions" not in node:
-        raise ValueError(f"node config needs 'partition-id' and 'num-partitions', got {dict(node)}")
-    return int(node["partition-id"]), int(node["num-partitions"])
 
 
 def _setup(msg: Message, context: Context) -> tuple[RunConfig, torch.device, torch.nn.Module, list[dict], int]:
     cfg = parse_config(context.run_config)
     device = pick_device(cfg.device)
-    partition_id, num_partitions = _partition(context)
+    rows, partition_id = client_rows(cfg, context.node_config)
     model = adapted_model(cfg, str(device))
     load_adapter_state(model, from_record(msg.content[ARRAYS]))
-    return cfg, device, model, partition_rows(cfg, partition_id, num_partitions), partition_id
+    return cfg, device, model, rows, partition_id
 
 
 @app.train()

@@ -11,6 +11,7 @@ among clients) and a held-out split that only the server evaluates on.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 from dataclasses import dataclass
@@ -130,6 +131,25 @@ def _normalise_external(raw: datasets.Dataset, cfg: DatasetConfig, task: str) ->
         ids = [index[str(v)] for v in raw[cfg.label_column]]
     texts = [str(x) for x in raw[cfg.text_column]]
     return datasets.Dataset.from_dict({"text": texts, "label": ids, "topic": [labels[i] for i in ids]}), labels
+
+
+def load_site_data(cfg: DatasetConfig, path: str, task: str, labels: tuple[str, ...]) -> datasets.Dataset:
+    """A site's own data file in the normalised schema, labels mapped onto the run's ``labels``."""
+    file = Path(path)
+    if file.suffix not in LOCAL_SUFFIXES:
+        raise ValueError(f"data-path {path!r}: expected a {', '.join(LOCAL_SUFFIXES)} file")
+    if not file.is_file():
+        raise ValueError(f"data-path {path!r}: no such file")
+    raw = datasets.load_dataset(LOCAL_SUFFIXES[file.suffix], data_files=str(file), split="train")
+    site_cfg = dataclasses.replace(cfg, name=str(file))
+    if task == INSTRUCTION:
+        return _normalise_external(raw, site_cfg, task)[0]
+    data, _ = _normalise_external(raw.cast_column(cfg.label_column, datasets.Value("string")), site_cfg, task)
+    index = {name: i for i, name in enumerate(labels)}
+    unknown = sorted({t for t in data["topic"] if t not in index})
+    if unknown:
+        raise ValueError(f"data-path {path!r}: column {cfg.label_column!r} has labels {unknown[:5]} outside the run's label set {list(labels)}")
+    return data.map(lambda row: {"label": index[row["topic"]]})
 
 
 @lru_cache(maxsize=4)
