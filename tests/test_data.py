@@ -1,0 +1,80 @@
+import numpy as np
+import pytest
+
+from fedlora.config import DatasetConfig, PartitionConfig
+from fedlora.data.partition import natural_groups, partition_indices
+from fedlora.data.sources import load_task_data
+from fedlora.data.tokenize import IGNORE, encode_instruction
+from fedlora.models.loading import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def topics():
+    return load_task_data(DatasetConfig(), 42)
+
+
+def test_embedded_classification_default(topics):
+    assert topics.task == "classification" and len(topics.labels) >= 10
+    assert len(topics.train) > 500 and len(topics.heldout) > 100
+    assert set(topics.train["label"]) == set(range(len(topics.labels)))
+    train_texts = list(zip(topics.train["text"], topics.train["label"]))
+    heldout_texts = list(zip(topics.heldout["text"], topics.heldout["label"]))
+    assert not set(train_texts) & set(heldout_texts), "held-out rows leak into training"
+
+
+def test_split_is_deterministic_under_seed(topics):
+    again = load_task_data.__wrapped__(DatasetConfig(), 42)
+    other = load_task_data.__wrapped__(DatasetConfig(), 7)
+    assert again.heldout["text"] == topics.heldout["text"]
+    assert other.heldout["text"] != topics.heldout["text"]
+
+
+@pytest.mark.parametrize("kind", ["iid", "dirichlet", "natural"])
+def test_partitions_cover_train_disjointly_and_deterministically(topics, kind):
+    cfg = PartitionConfig(kind=kind, alpha=0.5, column="topic")
+    parts = partition_indices(topics.train, cfg, 4, seed=1)
+    assert len(parts) == 4 and all(len(p) > 0 for p in parts)
+    flat = [i for p in parts for i in p]
+    assert sorted(flat) == list(range(len(topics.train)))
+    assert partition_indices(topics.train, cfg, 4, seed=1) == parts
+
+
+def test_iid_sizes_are_balanced(topics):
+    parts = partition_indices(topics.train, PartitionConfig(kind="iid"), 5, seed=0)
+    sizes = [len(p) for p in parts]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def _label_skew(train, parts, num_labels):
+    """Mean total-variation distance between each client's label histogram and the global one."""
+    labels = np.asarray(train["label"])
+    glob = np.bincount(labels, minlength=num_labels) / len(labels)
+    tv = [0.5 * np.abs(np.bincount(labels[p], minlength=num_labels) / len(p) - glob).sum() for p in parts]
+    return float(np.mean(tv))
+
+
+def test_dirichlet_is_skewed_and_alpha_controls_it(topics):
+    n = len(topics.labels)
+    iid = _label_skew(topics.train, partition_indices(topics.train, PartitionConfig(kind="iid"), 4, 0), n)
+    mild = _label_skew(topics.train, partition_indices(topics.train, PartitionConfig(kind="dirichlet", alpha=10.0), 4, 0), n)
+    strong = _label_skew(topics.train, partition_indices(topics.train, PartitionConfig(kind="dirichlet", alpha=0.1), 4, 0), n)
+    assert strong > 0.4 > iid
+    assert strong > mild
+
+
+def test_natural_gives_whole_groups():
+    parts = natural_groups(["b", "a", "c", "a", "b", "d"], 2)
+    assert parts == [[1, 2, 3], [0, 4, 5]]  # a,c -> 0 ; b,d -> 1
+    with pytest.raises(ValueError, match="at most 4 clients"):
+        natural_groups(["a", "b", "c", "d"], 5)
+
+
+def test_instruction_labels_cover_response_only():
+    data = load_task_data(DatasetConfig(name="chatterbot-qa"), 0)
+    tok = load_tokenizer("tiny-llama")
+    rows = encode_instruction(tok, data.train.select(range(8)), 48)
+    for row in rows:
+        assert len(row["input_ids"]) == len(row["labels"]) <= 48
+        first = next(i for i, y in enumerate(row["labels"]) if y != IGNORE)
+        assert all(y == IGNORE for y in row["labels"][:first])
+        assert row["labels"][first:] == row["input_ids"][first:]
