@@ -15,7 +15,7 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from fedlora.adapters.lora import cached_lora_model
-from fedlora.config import RunConfig
+from fedlora.config import LoraConfig, RunConfig
 from fedlora.data.partition import load_partition
 from fedlora.data.sources import TaskData, load_site_data, load_task_data
 from fedlora.data.tokenize import encode_classification, encode_instruction
@@ -54,10 +54,14 @@ def load_task(cfg: RunConfig) -> Task:
     return Task(data=data, tokenizer=load_tokenizer(cfg.model.name))
 
 
-def adapted_model(cfg: RunConfig, device: str) -> PeftModel:
-    """The base model with LoRA injected, once per process; A drawn from the run seed."""
+def adapted_model(cfg: RunConfig, device: str, lora: LoraConfig | None = None, variant: str = "shared") -> PeftModel:
+    """The base model with LoRA injected, once per process; A drawn from the run seed.
+
+    ``lora`` overrides the run's LoRA shape (a client's own rank); ``variant`` separates
+    models whose base weights get changed (FLoRA merges) from the shared one.
+    """
     task = load_task(cfg)
-    return cached_lora_model(cfg.model.name, task.kind, task.num_labels, cfg.lora, cfg.seed, device)
+    return cached_lora_model(cfg.model.name, task.kind, task.num_labels, lora or cfg.lora, cfg.seed, device, variant)
 
 
 @lru_cache(maxsize=8)

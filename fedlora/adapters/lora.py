@@ -43,15 +43,30 @@ def inject_lora(model: torch.nn.Module, cfg: LoraConfig, task: str, seed: int) -
             raise ValueError(f"lora.targets={cfg.targets!r} does not fit this model: {err}") from err
 
 
-@lru_cache(maxsize=2)
-def cached_lora_model(model_name: str, task: str, num_labels: int, cfg: LoraConfig, seed: int, device: str) -> PeftModel:
+@lru_cache(maxsize=6)
+def cached_lora_model(model_name: str, task: str, num_labels: int, cfg: LoraConfig, seed: int, device: str,
+                      variant: str = "shared") -> PeftModel:
     """The adapted model for this process, built once and reused across rounds.
 
     Every use loads a full adapter state into it first (:func:`load_adapter_state`), so
-    what one round leaves behind never leaks into the next.
+    what one round leaves behind never leaks into the next. ``variant`` keeps models
+    whose base weights a strategy changes (FLoRA merges) apart from the others. The
+    adapter as injected (A from ``seed``, B = 0) stays available as ``model.initial_state``.
     """
-    model = load_base_model(model_name, task, num_labels)
-    return inject_lora(model, cfg, task, seed).to(device)
+    model = inject_lora(load_base_model(model_name, task, num_labels), cfg, task, seed).to(device)
+    model.initial_state = adapter_state(model)
+    return model
+
+
+def set_trainable(model: PeftModel, train_a: bool = True) -> list[torch.nn.Parameter]:
+    """Make the adapter trainable (LoRA A only if ``train_a``); returns the trainable parameters."""
+    params = []
+    for name, param in model.named_parameters():
+        is_adapter = "lora_" in name or "modules_to_save" in name
+        param.requires_grad_(is_adapter and (train_a or "lora_A" not in name))
+        if param.requires_grad:
+            params.append(param)
+    return params
 
 
 def adapter_state(model: PeftModel) -> AdapterState:

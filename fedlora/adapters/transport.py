@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
@@ -21,3 +23,12 @@ def from_record(record: ArrayRecord) -> AdapterState:
 def record_bytes(record: ArrayRecord) -> int:
     """Serialized size of a record's arrays as Flower counts it (array payloads + keys)."""
     return record.count_bytes()
+
+
+def digest(state: AdapterState) -> str:
+    """A short fingerprint of tensors (keys and float32 bytes), to check that frozen factors agree."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        h.update(key.encode())
+        h.update(np.ascontiguousarray(state[key], dtype=np.float32).tobytes())
+    return h.hexdigest()[:16]

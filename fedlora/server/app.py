@@ -11,14 +11,13 @@ from __future__ import annotations
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedlora.adapters.lora import adapter_state, load_adapter_state
+from fedlora.adapters.lora import adapter_state
 from fedlora.config import parse_config
 from fedlora.device import autocast_dtype, pick_device
 from fedlora.evaluation import evaluate_rows
 from fedlora.server.report import RoundReporter
 from fedlora.server.rundir import RunDirectory
 from fedlora.strategies import build_strategy
-from fedlora.strategies.common import AdapterState
 from fedlora.task import adapted_model, heldout_rows, load_task
 
 app = ServerApp()
@@ -35,15 +34,15 @@ def main(grid: Grid, context: Context) -> None:
     rows = heldout_rows(cfg)
     amp = autocast_dtype(cfg.precision, device)
 
-    def evaluate(state: AdapterState) -> dict[str, float]:
-        load_adapter_state(model, state)
+    strategy = build_strategy(cfg, adapter_state(model))
+
+    def evaluate() -> dict[str, float]:
+        strategy.apply_to(model)
         return evaluate_rows(model, rows, task.kind, task.pad_id, 64, device, amp)
 
-    strategy = build_strategy(cfg, adapter_state(model))
     reporter = RoundReporter(run_dir, cfg, task.kind)
-    final_state = strategy.run(grid, evaluate, reporter.on_round)
-    load_adapter_state(model, final_state)
-    model.save_pretrained(run_dir.final_adapter)
+    strategy.run(grid, evaluate, reporter.on_round)
+    strategy.save_final(model, run_dir.final_adapter)
     summary = reporter.summary()
     run_dir.write_summary(summary)
     print(reporter.table(), flush=True)

@@ -14,13 +14,16 @@ from abc import abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from logging import INFO
+from pathlib import Path
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+from peft import PeftModel
 
+from fedlora.adapters.lora import load_adapter_state
 from fedlora.adapters.transport import from_record, record_bytes, to_record
 from fedlora.config import RunConfig
 from fedlora.strategies.common import AdapterState, client_weights
@@ -58,13 +61,29 @@ class LoraStrategy(Strategy):
     def aggregate_updates(self, updates: list[ClientUpdate], weights: np.ndarray) -> tuple[AdapterState, dict[str, float]]:
         """New global state and strategy metrics (e.g. ``agg_error``) from this round's updates."""
 
-    def download_state(self, server_round: int) -> AdapterState:
-        """What every sampled client receives this round (default: the global adapter)."""
-        return self.state
+    def download(self, server_round: int, node_id: int) -> dict[str, AdapterState]:
+        """Array records a sampled node receives this round, by record name (default: the global adapter)."""
+        return {ARRAYS: self.state}
 
     def client_config(self, server_round: int) -> dict[str, int | float | str]:
         """Extra per-round instructions for clients."""
         return {}
+
+    def delivered(self, server_round: int, node_ids: list[int]) -> None:
+        """Called with the nodes that replied successfully (they now hold this round's download)."""
+
+    def initialize(self, grid: Grid) -> dict[str, float]:
+        """Work before round 0 (e.g. Fed-SB's gradient round); returns metrics for round 0."""
+        return {}
+
+    def apply_to(self, model: PeftModel) -> None:
+        """Load the current global model into the server's adapted model (for evaluation)."""
+        load_adapter_state(model, self.state)
+
+    def save_final(self, model: PeftModel, path: Path) -> None:
+        """Write the final global adapter where ``peft.PeftModel.from_pretrained`` loads it."""
+        self.apply_to(model)
+        model.save_pretrained(path)
 
     # ----- Flower Strategy interface ----------------------------------------------
     def summary(self) -> None:
@@ -79,16 +98,23 @@ class LoraStrategy(Strategy):
         k = max(1, int(round(fraction * len(nodes))))
         return sorted(self._rng.sample(nodes, k))
 
-    def _messages(self, nodes: list[int], arrays: ArrayRecord, server_round: int, message_type: str) -> list[Message]:
-        config = ConfigRecord({"server-round": server_round, **self.client_config(server_round)})
-        return [Message(content=RecordDict({ARRAYS: arrays, CONFIG: config}), message_type=message_type, dst_node_id=n)
-                for n in nodes]
+    def _messages(self, nodes: list[int], server_round: int, message_type: str,
+                  extra_config: dict | None = None) -> tuple[list[Message], int]:
+        """One message per node with its download and the round's config; also the total array bytes."""
+        config = {"server-round": server_round, **self.client_config(server_round), **(extra_config or {})}
+        messages, total = [], 0
+        for node in nodes:
+            records = {name: to_record(state) for name, state in self.download(server_round, node).items()}
+            total += sum(record_bytes(r) for r in records.values())
+            content = RecordDict({**records, CONFIG: ConfigRecord(dict(config))})
+            messages.append(Message(content=content, message_type=message_type, dst_node_id=node))
+        return messages, total
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         nodes = self._sample(grid, self.cfg.fraction_train)
-        record = to_record(self.download_state(server_round))
-        self._round_metrics = {"bytes_down": float(record_bytes(record) * len(nodes)), "num_sampled": float(len(nodes))}
-        return self._messages(nodes, record, server_round, MessageType.TRAIN)
+        messages, bytes_down = self._messages(nodes, server_round, MessageType.TRAIN)
+        self._round_metrics = {"bytes_down": float(bytes_down), "num_sampled": float(len(nodes))}
+        return messages
 
     def _parse(self, reply: Message) -> ClientUpdate:
         content = reply.content
@@ -112,6 +138,7 @@ class LoraStrategy(Strategy):
             bytes_up += record_bytes(reply.content[ARRAYS])
             updates.append(self._parse(reply))
         updates.sort(key=lambda u: (u.partition_id, u.node_id))  # fixed summation order: reproducible
+        self.delivered(server_round, [u.node_id for u in updates])
         metrics = dict(self._round_metrics, bytes_up=float(bytes_up), num_clients=float(len(updates)))
         if len(updates) < self.cfg.min_clients:
             log(INFO, "round %d: %d replies < min-clients=%d, global state unchanged", server_round, len(updates), self.cfg.min_clients)
@@ -126,7 +153,7 @@ class LoraStrategy(Strategy):
         if self.cfg.fraction_evaluate == 0:
             return []
         nodes = self._sample(grid, self.cfg.fraction_evaluate)
-        return self._messages(nodes, to_record(self.download_state(server_round)), server_round, MessageType.EVALUATE)
+        return self._messages(nodes, server_round, MessageType.EVALUATE)[0]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         results = [dict(r.content[METRICS]) for r in replies if not r.has_error()]
@@ -137,10 +164,13 @@ class LoraStrategy(Strategy):
         return MetricRecord({f"client_{k}": float(sum(p * m[k] for p, m in zip(weights, results))) for k in keys})
 
     # ----- the round loop -----------------------------------------------------------
-    def run(self, grid: Grid, evaluate_fn: Callable[[AdapterState], dict[str, float]],
-            on_round: Callable[[int, dict], None]) -> AdapterState:
-        """Round 0 evaluates the initial adapter; rounds 1..N train, aggregate, evaluate, report."""
-        on_round(0, dict(evaluate_fn(self.state), bytes_up=0.0, bytes_down=0.0))
+    def run(self, grid: Grid, evaluate_fn: Callable[[], dict[str, float]], on_round: Callable[[int, dict], None]) -> None:
+        """Round 0 initialises and evaluates; rounds 1..N train, aggregate, evaluate, report.
+
+        ``evaluate_fn`` evaluates the current global model (see :meth:`apply_to`).
+        """
+        init = {"bytes_up": 0.0, "bytes_down": 0.0, **self.initialize(grid)}
+        on_round(0, {**init, **evaluate_fn()})
         for server_round in range(1, self.cfg.num_server_rounds + 1):
             started = time.monotonic()
             messages = list(self.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid))
@@ -153,7 +183,6 @@ class LoraStrategy(Strategy):
             if evaluate_messages:
                 client_eval = self.aggregate_evaluate(server_round, grid.send_and_receive(evaluate_messages, timeout=self.cfg.round_timeout))
                 record.update(dict(client_eval or {}))
-            record.update(evaluate_fn(self.state))
+            record.update(evaluate_fn())
             record["round_seconds"] = time.monotonic() - started
             on_round(server_round, record)
-        return self.state
