@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -119,6 +120,7 @@ def run_simulation(overrides: dict[str, Any] | None = None, *, num_supernodes: i
                    project_dir: Path = PROJECT_DIR, flwr_home: Path | None = None, timeout: float = 3600,
                    echo: bool = True) -> LaunchResult:
     """``flwr run <project> --stream`` with ``overrides``; returns the run's real status and directory."""
+    own_home = flwr_home is None
     flwr_home = Path(flwr_home or tempfile.mkdtemp(prefix="fedlora-flwr-home-"))
     env = flower_env(flwr_home, project_dir)
     cmd = ["flwr", "run", str(project_dir), "--stream",
@@ -145,6 +147,8 @@ def run_simulation(overrides: dict[str, Any] | None = None, *, num_supernodes: i
         status = run_status(run_id, env, project_dir) if run_id is not None else "not started"
     finally:
         stop_superlink(flwr_home)
+        if own_home:
+            shutil.rmtree(flwr_home, ignore_errors=True)
     dirs = re.findall(r"\[fedlora\] run directory: (\S+)", output)
     return LaunchResult(run_id=run_id, status=status, run_dir=Path(dirs[-1]) if dirs else None, output=output)
 
