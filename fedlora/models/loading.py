@@ -66,8 +66,14 @@ def smollm2_dir() -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
-        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, torch_dtype=torch.float32)
-        model.save_pretrained(tmp, safe_serialization=True)
+        dequantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, torch_dtype=torch.float32)
+        # transformers refuses to serialise a model it loaded from GGUF: rebuild it as a plain
+        # checkpoint from its config (minus the GGUF marker) and its de-quantized weights.
+        config = dequantized.config.to_dict()
+        config.pop("quantization_config", None)
+        plain = AutoModelForCausalLM.from_config(type(dequantized.config).from_dict(config), torch_dtype=torch.float32)
+        plain.load_state_dict(dequantized.state_dict())
+        plain.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         try:
             tmp.rename(target)
