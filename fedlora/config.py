@@ -50,6 +50,18 @@ def below_one(v: float) -> str | None:
     return None if 0 <= v < 1 else "a number in [0, 1)"
 
 
+def parse_ranks(text: str) -> list[int]:
+    return [int(x) for x in text.replace(" ", "").split(",") if x]
+
+
+def client_rank_list(v: str) -> str | None:
+    try:
+        ranks = parse_ranks(v)
+    except ValueError:
+        return "a comma-separated list of positive integers, e.g. '4,8,16'"
+    return None if all(r > 0 for r in ranks) else "a comma-separated list of positive integers, e.g. '4,8,16'"
+
+
 def device_name(v: str) -> str | None:
     ok = v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit())
     return None if ok else "'auto', 'cpu', 'cuda' or 'cuda:N'"
@@ -92,6 +104,26 @@ class LoraConfig:
     alpha: float = knob(16, positive, "LoRA alpha; the update is scaled by alpha / r")
     dropout: float = knob(0.0, below_one, "dropout on the LoRA input")
     targets: str = knob("auto", doc="comma-separated module names, or auto (attention query/value)")
+    client_ranks: str = knob("", client_rank_list, "per-client ranks for flora, e.g. '4,8,16' (client p gets entry p mod n); empty = lora.rank for all")
+
+    def rank_of(self, partition_id: int) -> int:
+        """This client's LoRA rank r_k."""
+        ranks = parse_ranks(self.client_ranks)
+        return ranks[partition_id % len(ranks)] if ranks and partition_id >= 0 else self.rank
+
+    @property
+    def heterogeneous(self) -> bool:
+        return len(set(parse_ranks(self.client_ranks))) > 1
+
+
+@dataclass(frozen=True)
+class LoraFairConfig:
+    lambda_: float = knob(1e-2, non_negative, "ridge weight λ of the LoRA-FAIR correction ΔB")
+
+
+@dataclass(frozen=True)
+class FedSBConfig:
+    init_batches: int = knob(2, positive, "batches per client for Fed-SB's initial gradient estimate")
 
 
 @dataclass(frozen=True)
@@ -127,6 +159,8 @@ class RunConfig:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    lorafair: LoraFairConfig = field(default_factory=LoraFairConfig)
+    fedsb: FedSBConfig = field(default_factory=FedSBConfig)
     dp: DPConfig = field(default_factory=DPConfig)
 
     def to_flat(self) -> dict[str, Any]:
@@ -135,7 +169,8 @@ class RunConfig:
 
 
 def _key(name: str) -> str:
-    return name.replace("_", "-")
+    """Field name -> config key: ``local_steps`` -> ``local-steps``, ``lambda_`` -> ``lambda``."""
+    return name.rstrip("_").replace("_", "-")
 
 
 def _flatten(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:

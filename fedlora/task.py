@@ -14,12 +14,12 @@ import datasets
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
-from fedlora.adapters.lora import cached_lora_model
-from fedlora.config import LoraConfig, RunConfig
+from fedlora.adapters.lora import adapter_state, cached_lora_model, inject_lora
+from fedlora.config import DatasetConfig, LoraConfig, PartitionConfig, RunConfig
 from fedlora.data.partition import load_partition
 from fedlora.data.sources import TaskData, load_site_data, load_task_data
 from fedlora.data.tokenize import encode_classification, encode_instruction
-from fedlora.models.loading import load_tokenizer
+from fedlora.models.loading import load_base_model, load_tokenizer
 from fedlora.models.registry import check_model_task
 
 
@@ -46,12 +46,16 @@ class Task:
         return encode_instruction(self.tokenizer, split, max_length)
 
 
-@lru_cache(maxsize=2)
 def load_task(cfg: RunConfig) -> Task:
     """Dataset (split under the run seed) and tokenizer for this run."""
-    data = load_task_data(cfg.dataset, cfg.seed)
-    check_model_task(cfg.model.name, data.task)
-    return Task(data=data, tokenizer=load_tokenizer(cfg.model.name))
+    return _load_task(cfg.dataset, cfg.seed, cfg.model.name)
+
+
+@lru_cache(maxsize=2)
+def _load_task(dataset: DatasetConfig, seed: int, model_name: str) -> Task:
+    data = load_task_data(dataset, seed)
+    check_model_task(model_name, data.task)
+    return Task(data=data, tokenizer=load_tokenizer(model_name))
 
 
 def adapted_model(cfg: RunConfig, device: str, lora: LoraConfig | None = None, variant: str = "shared") -> PeftModel:
@@ -64,24 +68,41 @@ def adapted_model(cfg: RunConfig, device: str, lora: LoraConfig | None = None, v
     return cached_lora_model(cfg.model.name, task.kind, task.num_labels, lora or cfg.lora, cfg.seed, device, variant)
 
 
-@lru_cache(maxsize=8)
+def server_model(cfg: RunConfig, device: str) -> PeftModel:
+    """The server's own adapted model for one run (not shared: strategies may merge into its base)."""
+    task = load_task(cfg)
+    model = inject_lora(load_base_model(cfg.model.name, task.kind, task.num_labels), cfg.lora, task.kind, cfg.seed)
+    model.initial_state = adapter_state(model)
+    return model.to(device)
+
+
 def partition_rows(cfg: RunConfig, partition_id: int, num_partitions: int) -> list[dict]:
     """One client's encoded training rows."""
-    task = load_task(cfg)
-    part = load_partition(task.data.train, cfg.partition, partition_id, num_partitions, cfg.seed)
-    return task.encode(part, cfg.dataset.max_length)
+    return _partition_rows(cfg.dataset, cfg.seed, cfg.model.name, cfg.partition, partition_id, num_partitions)
 
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=16)
+def _partition_rows(dataset: DatasetConfig, seed: int, model_name: str, partition: PartitionConfig,
+                    partition_id: int, num_partitions: int) -> list[dict]:
+    task = _load_task(dataset, seed, model_name)
+    part = load_partition(task.data.train, partition, partition_id, num_partitions, seed)
+    return task.encode(part, dataset.max_length)
+
+
 def site_rows(cfg: RunConfig, data_path: str) -> list[dict]:
     """A deployed site's own training rows from a local file (JSONL/CSV/parquet with the task's columns).
 
     The file is read with the run's column settings (``dataset.text-column`` …) and, for
     classification, mapped onto the run's label set; labels outside it are an error.
     """
-    task = load_task(cfg)
-    site = load_site_data(cfg.dataset, data_path, task.kind, task.data.labels)
-    return task.encode(site, cfg.dataset.max_length)
+    return _site_rows(cfg.dataset, cfg.seed, cfg.model.name, data_path)
+
+
+@lru_cache(maxsize=4)
+def _site_rows(dataset: DatasetConfig, seed: int, model_name: str, data_path: str) -> list[dict]:
+    task = _load_task(dataset, seed, model_name)
+    site = load_site_data(dataset, data_path, task.kind, task.data.labels)
+    return task.encode(site, dataset.max_length)
 
 
 def client_rows(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[list[dict], int]:
@@ -100,8 +121,12 @@ def client_rows(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[list[di
     return partition_rows(cfg, partition_id, int(node_config["num-partitions"])), partition_id
 
 
-@lru_cache(maxsize=2)
 def heldout_rows(cfg: RunConfig) -> list[dict]:
     """The encoded held-out split (server evaluation only)."""
-    task = load_task(cfg)
-    return task.encode(task.data.heldout, cfg.dataset.max_length)
+    return _heldout_rows(cfg.dataset, cfg.seed, cfg.model.name)
+
+
+@lru_cache(maxsize=2)
+def _heldout_rows(dataset: DatasetConfig, seed: int, model_name: str) -> list[dict]:
+    task = _load_task(dataset, seed, model_name)
+    return task.encode(task.data.heldout, dataset.max_length)

@@ -9,6 +9,7 @@ A (r×k) and B (d×r).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
 
 import numpy as np
@@ -100,3 +101,46 @@ def lora_modules(state: AdapterState) -> list[str]:
 def scaling(cfg: LoraConfig) -> float:
     """The LoRA scale s = α / r."""
     return cfg.alpha / cfg.rank
+
+
+def merge_into_base(model: PeftModel, update: AdapterState) -> None:
+    """W0 ← W0 + B·A for every LoRA pair in ``update`` (scale already folded into the factors).
+
+    Module prefixes are peft state names (``base_model.model.…query``), which are also the
+    module paths inside the PeftModel; the update is added to that module's frozen base weight.
+    """
+    with torch.no_grad():
+        for module in lora_modules(update):
+            layer = model.get_submodule(module).base_layer
+            delta = torch.as_tensor(update[module + LORA_B]) @ torch.as_tensor(update[module + LORA_A])
+            layer.weight += delta.to(layer.weight.device, layer.weight.dtype)
+
+
+def fresh_lora_state(model: PeftModel, seed: int | tuple[int, ...]) -> AdapterState:
+    """A new LoRA as peft initialises one: A ~ U(−1/√k, 1/√k) (Kaiming-uniform, a=√5), B = 0, drawn from ``seed``."""
+    rng = np.random.default_rng(seed)
+    state = {}
+    for key, value in model.initial_state.items():
+        if key.endswith(LORA_A):
+            bound = 1.0 / np.sqrt(value.shape[1])
+            state[key] = rng.uniform(-bound, bound, size=value.shape).astype(np.float32)
+        elif key.endswith(LORA_B):
+            state[key] = np.zeros_like(value)
+    return state
+
+
+def bring_base_to(model: PeftModel, version: int, merge_of: Callable[[int], AdapterState | None]) -> None:
+    """Apply the merges of rounds ``model.base_version+1 … version`` to the model's base weights.
+
+    Raises when a needed merge is unknown (the node missed it and was not caught up) or when
+    the model is already past ``version`` — training on a stale or foreign base is refused.
+    """
+    applied = getattr(model, "base_version", 0)
+    if applied > version:
+        raise RuntimeError(f"FLoRA: cached base is at round {applied}, newer than the requested {version}")
+    for j in range(applied + 1, version + 1):
+        record = merge_of(j)
+        if record is None:
+            raise RuntimeError(f"FLoRA: this node lacks the merge of round {j}; refusing to train on a stale base")
+        merge_into_base(model, record)
+        model.base_version = j

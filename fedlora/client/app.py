@@ -15,7 +15,7 @@ from flwr.clientapp import ClientApp
 
 from fedlora.adapters.transport import to_record
 from fedlora.client.loop import make_optimizer, train_steps
-from fedlora.client.roles import client_role
+from fedlora.client.roles import OnlyR, client_role
 from fedlora.config import parse_config
 from fedlora.device import autocast_dtype, pick_device
 from fedlora.evaluation import evaluate_rows
@@ -31,11 +31,19 @@ def train(msg: Message, context: Context) -> Message:
     cfg = parse_config(context.run_config)
     device = pick_device(cfg.device)
     rows, partition_id = client_rows(cfg, context.node_config)
-    server_round = int(msg.content[CONFIG]["server-round"])
+    config = msg.content[CONFIG]
+    server_round = int(config["server-round"])
+    if int(config.get("fedsb-init", 0)):
+        targets = str(config["fedsb-targets"]).split(",")
+        gradients = OnlyR.initial_gradients(cfg, rows, targets, partition_id, device)
+        metrics = MetricRecord({"num-examples": len(rows), "partition-id": partition_id})
+        return Message(RecordDict({ARRAYS: to_record(gradients), METRICS: metrics}), reply_to=msg)
     role = client_role(cfg.strategy)
-    model, params = role.prepare(cfg, msg.content, context.state, partition_id, server_round, device)
+    model, params = role.prepare(cfg, msg.content, context, partition_id, server_round, device)
     task = load_task(cfg)
-    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + server_round * 1_009 + partition_id)
+    client_seed = cfg.seed * 1_000_003 + server_round * 1_009 + partition_id
+    torch.manual_seed(client_seed)  # dropout and any other global-RNG draw: reproducible per client and round
+    generator = torch.Generator().manual_seed(client_seed)
     loss = train_steps(model, rows, task.kind, task.pad_id, make_optimizer(params, cfg), cfg.local_steps,
                        cfg.batch_size, generator, device, autocast_dtype(cfg.precision, device))
     metrics = MetricRecord({"num-examples": len(rows), "train_loss": loss, "partition-id": partition_id,
@@ -50,7 +58,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     device = pick_device(cfg.device)
     rows, partition_id = client_rows(cfg, context.node_config)
     server_round = int(msg.content[CONFIG]["server-round"])
-    model, _ = client_role(cfg.strategy).prepare(cfg, msg.content, context.state, partition_id, server_round, device)
+    model, _ = client_role(cfg.strategy).prepare(cfg, msg.content, context, partition_id, server_round, device)
     task = load_task(cfg)
     result = evaluate_rows(model, rows, task.kind, task.pad_id, 2 * cfg.batch_size, device,
                            autocast_dtype(cfg.precision, device))

@@ -18,7 +18,7 @@ from fedlora.evaluation import evaluate_rows
 from fedlora.server.report import RoundReporter
 from fedlora.server.rundir import RunDirectory
 from fedlora.strategies import build_strategy
-from fedlora.task import adapted_model, heldout_rows, load_task
+from fedlora.task import heldout_rows, load_task, server_model
 
 app = ServerApp()
 
@@ -30,7 +30,7 @@ def main(grid: Grid, context: Context) -> None:
     run_dir = RunDirectory.create(cfg)
     print(f"[fedlora] run directory: {run_dir.path}", flush=True)
     device = pick_device(cfg.device)
-    model = adapted_model(cfg, str(device))
+    model = server_model(cfg, str(device))
     rows = heldout_rows(cfg)
     amp = autocast_dtype(cfg.precision, device)
 

@@ -6,9 +6,17 @@ from fedlora.config import ConfigError, RunConfig
 from fedlora.strategies.base import LoraStrategy
 from fedlora.strategies.common import AdapterState
 from fedlora.strategies.fedavg import FedAvgLoRA
+from fedlora.strategies.fedsb import FedSB
+from fedlora.strategies.ffa import FFALoRA
+from fedlora.strategies.flora import FLoRA
+from fedlora.strategies.lorafair import LoraFair
 
 #: strategy name -> server strategy class
-STRATEGIES: dict[str, type[LoraStrategy]] = {"fedavg": FedAvgLoRA}
+STRATEGIES: dict[str, type[LoraStrategy]] = {
+    "fedavg": FedAvgLoRA, "ffa": FFALoRA, "flora": FLoRA, "lorafair": LoraFair, "fedsb": FedSB,
+}
+#: strategies whose aggregation is exact for clients of different LoRA ranks
+HETEROGENEOUS_RANKS = {"flora"}
 
 
 def check_strategy_config(cfg: RunConfig) -> None:
@@ -16,6 +24,11 @@ def check_strategy_config(cfg: RunConfig) -> None:
     if cfg.strategy not in STRATEGIES:
         raise ConfigError(
             f"config key 'strategy' = {cfg.strategy!r} is invalid: expected one of {', '.join(map(repr, STRATEGIES))}"
+        )
+    if cfg.lora.heterogeneous and cfg.strategy not in HETEROGENEOUS_RANKS:
+        raise ConfigError(
+            f"config keys 'lora.client-ranks' = {cfg.lora.client_ranks!r} and 'strategy' = {cfg.strategy!r} are incompatible: "
+            f"only {', '.join(map(repr, sorted(HETEROGENEOUS_RANKS)))} aggregates clients of different ranks exactly"
         )
 
 

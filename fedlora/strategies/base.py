@@ -55,6 +55,7 @@ class LoraStrategy(Strategy):
         self._rng = random.Random(cfg.seed)
         self._round_metrics: dict[str, float] = {}
         self._rejected: list[str] = []
+        self.current_round = 0
 
     # ----- what subclasses provide -------------------------------------------------
     @abstractmethod
@@ -127,17 +128,23 @@ class LoraStrategy(Strategy):
             metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
         )
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def collect(self, replies: Iterable[Message]) -> tuple[list[ClientUpdate], int, list[str]]:
+        """Parse the replies that carry results, in a fixed order; also their array bytes and the failures."""
         updates: list[ClientUpdate] = []
         bytes_up = 0
-        self._rejected = []
+        failures = []
         for reply in replies:
             if reply.has_error():
-                self._rejected.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
+                failures.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
                 continue
             bytes_up += record_bytes(reply.content[ARRAYS])
             updates.append(self._parse(reply))
         updates.sort(key=lambda u: (u.partition_id, u.node_id))  # fixed summation order: reproducible
+        return updates, bytes_up, failures
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        self.current_round = server_round
+        updates, bytes_up, self._rejected = self.collect(replies)
         self.delivered(server_round, [u.node_id for u in updates])
         metrics = dict(self._round_metrics, bytes_up=float(bytes_up), num_clients=float(len(updates)))
         if len(updates) < self.cfg.min_clients:

@@ -32,13 +32,15 @@ def client_weights(num_examples: Sequence[int], mode: str) -> np.ndarray:
 
 def weighted_average(states: Sequence[Mapping[str, np.ndarray]], weights: np.ndarray, keys: Iterable[str]) -> AdapterState:
     """``{key: Σ_k p_k X_k[key]}`` computed in float64, returned as float32."""
-    out: AdapterState = {}
-    for key in keys:
-        acc = np.zeros(np.shape(states[0][key]), dtype=np.float64)
-        for p, state in zip(weights, states):
-            acc += p * np.asarray(state[key], dtype=np.float64)
-        out[key] = acc.astype(np.float32)
-    return out
+    return {key: weighted_sum([state[key] for state in states], weights).astype(np.float32) for key in keys}
+
+
+def weighted_sum(arrays: Sequence[np.ndarray], weights: np.ndarray) -> np.ndarray:
+    """Σ_k p_k X_k in float64 (same-shaped arrays)."""
+    acc = np.zeros(np.shape(arrays[0]), dtype=np.float64)
+    for p, x in zip(weights, arrays):
+        acc += p * np.asarray(x, dtype=np.float64)
+    return acc
 
 
 def ideal_update(Bs: Sequence[np.ndarray], As: Sequence[np.ndarray], scales: Sequence[float], weights: np.ndarray) -> np.ndarray:
@@ -63,3 +65,37 @@ def relative_error(pairs: Iterable[tuple[Callable[[], np.ndarray], Callable[[], 
         num += float(np.sum(diff * diff))
         den += float(np.sum(ideal * ideal))
     return float(np.sqrt(num / den)) if den > 0 else 0.0
+
+
+def check_same_keys(states: Sequence[Mapping[str, np.ndarray]]) -> None:
+    """Every client upload must carry the same tensor names (shapes may differ, e.g. ranks)."""
+    keys = set(states[0])
+    for i, state in enumerate(states[1:], start=1):
+        if set(state) != keys:
+            diff = sorted(set(state) ^ keys)
+            raise ValueError(f"client upload {i} carries different tensors than upload 0: {diff[:3]}")
+
+
+def average_uploads(states: Sequence[Mapping[str, np.ndarray]], weights: np.ndarray,
+                    frozen_suffixes: tuple[str, ...]) -> AdapterState:
+    """``{key: Σ_k p_k X_k[key]}`` over every uploaded tensor; frozen tensors must not be uploaded.
+
+    For strategies whose trained tensors average exactly (FFA-LoRA's B, Fed-SB's R, heads):
+    the frozen factors (``frozen_suffixes``) are identical on all clients and never travel up.
+    """
+    check_same_keys(states)
+    frozen = sorted(k for k in states[0] if k.endswith(frozen_suffixes))
+    if frozen:
+        raise ValueError(f"uploads must not contain frozen tensors, got {frozen[:3]}")
+    return weighted_average(states, weights, states[0].keys())
+
+
+def aggregate_extras(states: Sequence[Mapping[str, np.ndarray]], weights: np.ndarray,
+                     factor_suffixes: tuple[str, ...]) -> AdapterState:
+    """``{key: Σ_k p_k X_k[key]}`` for the tensors that are not low-rank factors (a head, say).
+
+    Strategies that combine the factors in their own way (FLoRA, LoRA-FAIR) average the
+    remaining, fully-trained tensors plainly with this.
+    """
+    check_same_keys(states)
+    return weighted_average(states, weights, [k for k in states[0] if not k.endswith(factor_suffixes)])

@@ -1,0 +1,289 @@
+"""Aggregation math of every strategy against its equations, in float64 with random factors."""
+
+import inspect
+
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import BertConfig, BertForSequenceClassification
+
+from fedlora.adapters.lora import LORA_A, LORA_B, adapter_state, load_adapter_state, lora_modules, merge_into_base
+from fedlora.adapters.lorasb import LORASB_A, LORASB_B, LORASB_R
+from fedlora.strategies.common import aggregate_extras, client_weights, ideal_update, weighted_sum
+from fedlora.strategies.fedavg import fedavg_error, fedavg_states
+from fedlora.strategies.fedsb import aggregate_fedsb, fedsb_error, lorasb_init, lorasb_init_states
+from fedlora.strategies.ffa import aggregate_ffa, ffa_error, trainable_part
+from fedlora.strategies.flora import concat_stacks, flora_error, merged_deltas, stack_module, stacked_state
+from fedlora.strategies.lorafair import aggregate_lorafair, lorafair_module
+
+D, K = 12, 10
+MODULES = ["base_model.model.enc.0.query", "base_model.model.enc.0.value"]
+HEAD = "base_model.model.classifier.weight"
+
+
+def _weights(n: int, seed: int = 0) -> np.ndarray:
+    return client_weights(np.random.default_rng(seed).integers(5, 50, size=n).tolist(), "num-examples")
+
+
+def _lora_states(ranks, seed=0, shared_A=False):
+    """Client adapter states in float64: LoRA pairs for MODULES (rank r_k each) plus a head."""
+    rng = np.random.default_rng(seed)
+    common_A = {m: rng.standard_normal((ranks[0], K)) for m in MODULES}
+    states = []
+    for r in ranks:
+        state = {HEAD: rng.standard_normal((3, D))}
+        for m in MODULES:
+            state[m + LORA_A] = common_A[m].copy() if shared_A else rng.standard_normal((r, K))
+            state[m + LORA_B] = rng.standard_normal((D, r))
+        states.append(state)
+    return states
+
+
+def _factors(states, m):
+    return [s[m + LORA_B] for s in states], [s[m + LORA_A] for s in states]
+
+
+# ----- FedAvg (FedIT) -----------------------------------------------------------------
+def test_fedavg_error_is_the_cross_term():
+    states, p = _lora_states([4, 4, 4]), _weights(3)
+    num, den = 0.0, 0.0
+    for m in MODULES:
+        Bs, As = _factors(states, m)
+        B_bar, A_bar = weighted_sum(Bs, p), weighted_sum(As, p)
+        cross = sum(pk * (B - B_bar) @ (A - A_bar) for pk, B, A in zip(p, Bs, As))
+        ideal = ideal_update(Bs, As, [1.0] * 3, p)
+        np.testing.assert_allclose(ideal - B_bar @ A_bar, cross, atol=1e-12)
+        assert np.linalg.norm(cross) > 0.1
+        num += np.sum(cross**2)
+        den += np.sum(ideal**2)
+    np.testing.assert_allclose(fedavg_error(states, p, 2.0), np.sqrt(num / den), rtol=1e-5)
+
+
+def test_fedavg_is_exact_when_A_is_shared():
+    states, p = _lora_states([4, 4, 4], shared_A=True), _weights(3)
+    for m in MODULES:
+        Bs, As = _factors(states, m)
+        np.testing.assert_allclose(weighted_sum(Bs, p) @ weighted_sum(As, p), ideal_update(Bs, As, [1.0] * 3, p), atol=1e-12)
+    assert fedavg_error(states, p, 2.0) < 1e-6  # float32 averages
+    assert fedavg_states(states, p)[HEAD].dtype == np.float32
+
+
+# ----- FFA-LoRA -------------------------------------------------------------------------
+def test_ffa_uploads_no_A_and_averages_B_exactly():
+    full, p, s = _lora_states([4, 4, 4], shared_A=True), _weights(3), 2.0
+    uploads = [trainable_part(st) for st in full]
+    assert all(not k.endswith(LORA_A) for u in uploads for k in u) and all(HEAD in u for u in uploads)
+    frozen_A = {k: v for k, v in full[0].items() if k.endswith(LORA_A)}
+    agg = aggregate_ffa(uploads, p)
+    assert set(agg) == set(uploads[0]), "aggregate carries exactly the uploaded tensors; A stays untouched"
+    for m in MODULES:
+        Bs = [u[m + LORA_B] for u in uploads]
+        A = frozen_A[m + LORA_A]
+        np.testing.assert_allclose(agg[m + LORA_B], weighted_sum(Bs, p), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(s * weighted_sum(Bs, p) @ A, sum(pk * s * B @ A for pk, B in zip(p, Bs)), atol=1e-12)
+    np.testing.assert_allclose(agg[HEAD], weighted_sum([u[HEAD] for u in uploads], p), rtol=1e-6, atol=1e-6)
+    assert ffa_error(uploads, p, frozen_A, s) < 1e-14
+
+
+def test_ffa_rejects_uploads_with_A():
+    states = _lora_states([2, 2])
+    with pytest.raises(ValueError, match="frozen"):
+        aggregate_ffa(states, _weights(2))
+
+
+# ----- FLoRA ------------------------------------------------------------------------------
+RANKS = [2, 4, 8]
+SCALES = [16 / r for r in RANKS]  # s_k = α / r_k
+
+
+def test_flora_stack_is_exact_for_mixed_ranks():
+    states, p = _lora_states(RANKS), _weights(3)
+    for m in MODULES:
+        Bs, As = _factors(states, m)
+        B_stack, A_stack = stack_module(Bs, As, p, SCALES)
+        assert B_stack.shape == (D, sum(RANKS)) and A_stack.shape == (sum(RANKS), K)
+        ideal = sum(pk * sk * B @ A for pk, sk, B, A in zip(p, SCALES, Bs, As))
+        np.testing.assert_allclose(B_stack @ A_stack, ideal, atol=1e-12)
+    assert flora_error(states, p, SCALES) < 1e-14
+
+
+def test_flora_merged_deltas_one_module_at_a_time():
+    states, p = _lora_states(RANKS), _weights(3)
+    deltas = merged_deltas(states, p, SCALES)
+    assert inspect.isgenerator(deltas)
+    seen = []
+    for module, delta in deltas:
+        seen.append(module)
+        assert delta.dtype == np.float32 and delta.shape == (D, K)
+        np.testing.assert_allclose(delta, ideal_update(*_factors(states, module), SCALES, p), rtol=1e-5, atol=1e-5)
+    assert seen == sorted(MODULES)
+
+
+def test_flora_stacked_state_folds_scale_and_averages_head_apart():
+    states, p = _lora_states(RANKS), _weights(3)
+    stacked = stacked_state(states, p, SCALES)
+    assert set(stacked) == {m + suffix for m in MODULES for suffix in (LORA_A, LORA_B)}
+    for m in MODULES:
+        assert stacked[m + LORA_A].shape == (sum(RANKS), K) and stacked[m + LORA_B].shape == (D, sum(RANKS))
+        applied = stacked[m + LORA_B].astype(np.float64) @ stacked[m + LORA_A].astype(np.float64)
+        np.testing.assert_allclose(applied, ideal_update(*_factors(states, m), SCALES, p), rtol=1e-5, atol=1e-5)
+    extras = aggregate_extras(states, p, (LORA_A, LORA_B))
+    assert set(extras) == {HEAD}
+    np.testing.assert_allclose(extras[HEAD], weighted_sum([s[HEAD] for s in states], p), rtol=1e-6, atol=1e-6)
+
+
+def test_flora_merge_then_fresh_lora_keeps_the_layer_output():
+    """W0 x + B_stack A_stack x (the aggregated model) == (W0 + ΔW) x + s·0·A_fresh x."""
+    torch.manual_seed(0)
+    states, p = _lora_states(RANKS), _weights(3)
+    B_stack, A_stack = stack_module(*_factors(states, MODULES[0]), p, SCALES)
+    layer = torch.nn.Linear(K, D, dtype=torch.float64)
+    x = torch.randn(5, K, dtype=torch.float64)
+    with torch.no_grad():
+        before = layer(x) + (x @ torch.from_numpy(A_stack).T) @ torch.from_numpy(B_stack).T
+        layer.weight += torch.from_numpy(B_stack @ A_stack)
+        A_fresh, B_fresh = torch.randn(4, K, dtype=torch.float64), torch.zeros(D, 4, dtype=torch.float64)
+        after = layer(x) + 2.0 * (x @ A_fresh.T) @ B_fresh.T
+    torch.testing.assert_close(after, before, rtol=1e-12, atol=1e-12)
+
+
+def _tiny_bert():
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                        vocab_size=100, num_labels=3)
+    base = BertForSequenceClassification(config).eval()
+    return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS"))
+
+
+def test_flora_stacked_state_merges_into_a_peft_model():
+    """merge_into_base(stacked_state) == adding Σ p_k s_k B_k A_k to each base weight by hand."""
+    merged, by_hand = _tiny_bert(), _tiny_bert()
+    template = adapter_state(merged)
+    rng = np.random.default_rng(1)
+    states = [{**{m + LORA_A: rng.standard_normal((r, 32)) for m in lora_modules(template)},
+               **{m + LORA_B: rng.standard_normal((32, r)) for m in lora_modules(template)}} for r in RANKS]
+    p = _weights(3)
+    ids = torch.tensor([[1, 5, 7, 9, 2]])
+    with torch.no_grad():
+        start = merged(input_ids=ids).logits
+    merge_into_base(merged, stacked_state(states, p, SCALES))
+    with torch.no_grad():
+        for m in lora_modules(template):
+            by_hand.get_submodule(m).base_layer.weight += torch.as_tensor(
+                ideal_update(*_factors(states, m), SCALES, p), dtype=torch.float32)
+    fresh = {k: (np.zeros_like(v) if k.endswith(LORA_B) else rng.standard_normal(v.shape).astype(np.float32))
+             for k, v in template.items()}
+    load_adapter_state(merged, fresh)
+    load_adapter_state(by_hand, fresh)
+    with torch.no_grad():
+        out = merged(input_ids=ids).logits
+        torch.testing.assert_close(out, by_hand(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(out, start, atol=1e-3), "the merge must change the model"
+
+
+def test_concat_stacks_adds_rounds():
+    p1, p2 = _weights(3, seed=1), _weights(2, seed=2)
+    round1, round2 = _lora_states(RANKS, seed=1), _lora_states([8, 2], seed=2)
+    s1, s2 = stacked_state(round1, p1, SCALES), stacked_state(round2, p2, [2.0, 8.0])
+    both = concat_stacks(s1, {**s2, HEAD: np.ones((3, D), np.float32)})
+    assert concat_stacks({}, s2).keys() == s2.keys()
+    np.testing.assert_array_equal(both[HEAD], np.ones((3, D)))
+    for m in MODULES:
+        assert both[m + LORA_A].shape == (sum(RANKS) + 10, K) and both[m + LORA_B].shape == (D, sum(RANKS) + 10)
+        total = ideal_update(*_factors(round1, m), SCALES, p1) + ideal_update(*_factors(round2, m), [2.0, 8.0], p2)
+        applied = both[m + LORA_B].astype(np.float64) @ both[m + LORA_A].astype(np.float64)
+        np.testing.assert_allclose(applied, total, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="different LoRA modules"):
+        concat_stacks(s1, {k: v for k, v in s2.items() if not k.startswith(MODULES[0])})
+
+
+# ----- LoRA-FAIR ----------------------------------------------------------------------------
+def _objective(delta_w, B, A_bar, B_bar, lam):
+    return np.sum((delta_w - B @ A_bar) ** 2) + lam * np.sum((B - B_bar) ** 2)
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.01, 1.0, 10.0])
+def test_lorafair_correction_is_the_ridge_minimiser(lam):
+    states, p = _lora_states([4, 4, 4], seed=3), _weights(3, seed=3)
+    Bs, As = _factors(states, MODULES[0])
+    A_bar, B_new, before, after = lorafair_module(Bs, As, p, lam)
+    B_bar = weighted_sum(Bs, p)
+    delta_w = ideal_update(Bs, As, [1.0] * 3, p)
+    np.testing.assert_allclose(A_bar, weighted_sum(As, p), atol=1e-15)
+    # stationarity of ‖ΔW − (B̄+ΔB)Ā‖² + λ‖ΔB‖²:  (ΔW − B_new Ā) Āᵀ = λ ΔB
+    np.testing.assert_allclose((delta_w - B_new @ A_bar) @ A_bar.T, lam * (B_new - B_bar), atol=1e-10)
+    best = _objective(delta_w, B_new, A_bar, B_bar, lam)
+    assert best <= _objective(delta_w, B_bar, A_bar, B_bar, lam)
+    rng = np.random.default_rng(4)
+    for _ in range(5):
+        assert best <= _objective(delta_w, B_new + 1e-3 * rng.standard_normal(B_new.shape), A_bar, B_bar, lam)
+    assert after <= before
+    np.testing.assert_allclose(before, np.linalg.norm(delta_w - B_bar @ A_bar), rtol=1e-12)
+    np.testing.assert_allclose(after, np.linalg.norm(delta_w - B_new @ A_bar), rtol=1e-12)
+
+
+def test_lorafair_large_lambda_is_fedit():
+    states, p = _lora_states([4, 4, 4], seed=5), _weights(3)
+    Bs, As = _factors(states, MODULES[0])
+    _, B_new, before, after = lorafair_module(Bs, As, p, 1e12)
+    np.testing.assert_allclose(B_new, weighted_sum(Bs, p), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(after, before, rtol=1e-9)
+
+
+def test_aggregate_lorafair_state_and_metrics():
+    states, p = _lora_states([4, 4, 4], seed=6), _weights(3)
+    out, metrics = aggregate_lorafair(states, p, 0.01)
+    assert set(out) == set(states[0]) and all(v.dtype == np.float32 for v in out.values())
+    for m in MODULES:
+        A_bar, B_new, _, _ = lorafair_module(*_factors(states, m), p, 0.01)
+        np.testing.assert_allclose(out[m + LORA_A], A_bar, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(out[m + LORA_B], B_new, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out[HEAD], weighted_sum([s[HEAD] for s in states], p), rtol=1e-6, atol=1e-6)
+    # residual_before is FedIT's relative aggregation error
+    np.testing.assert_allclose(metrics["residual_before"], fedavg_error(states, p, 2.0), rtol=1e-4)
+    assert metrics["residual_after"] < metrics["residual_before"]
+    assert metrics["agg_error"] == metrics["residual_after"]
+
+
+# ----- Fed-SB -----------------------------------------------------------------------------
+def test_lorasb_init_is_the_best_rank_r_approximation():
+    G = np.random.default_rng(7).standard_normal((D, K))
+    sigma = np.linalg.svd(G, compute_uv=False)
+    for r in (1, 3, K):
+        B, R0, A = lorasb_init(G, r)
+        assert B.shape == (D, r) and R0.shape == (r, r) and A.shape == (r, K)
+        np.testing.assert_allclose(np.sum((G - B @ R0 @ A) ** 2), np.sum(sigma[r:] ** 2), atol=1e-12)
+        np.testing.assert_allclose(B.T @ B, np.eye(r), atol=1e-12)
+        np.testing.assert_allclose(A @ A.T, np.eye(r), atol=1e-12)
+        np.testing.assert_allclose(R0, np.diag(sigma[:r]), atol=1e-12)
+        assert np.all(np.diag(R0) > 0), "R0 is not zero"
+    with pytest.raises(ValueError, match="rank"):
+        lorasb_init(G, K + 1)
+
+
+def test_fedsb_averaging_R_is_exact():
+    rng = np.random.default_rng(8)
+    r, s, p = 4, 2.0, _weights(4)
+    frozen, initial = lorasb_init_states({m: rng.standard_normal((D, K)) for m in MODULES}, r)
+    assert set(frozen) == {m + x for m in MODULES for x in (LORASB_A, LORASB_B)}
+    assert set(initial) == {m + LORASB_R for m in MODULES}
+    uploads = [{**{m + LORASB_R: rng.standard_normal((r, r)) for m in MODULES}, HEAD: rng.standard_normal((3, D))}
+               for _ in range(4)]
+    agg = aggregate_fedsb(uploads, p)
+    assert set(agg) == set(uploads[0])
+    for m in MODULES:
+        B, A = frozen[m + LORASB_B].astype(np.float64), frozen[m + LORASB_A].astype(np.float64)
+        Rs = [u[m + LORASB_R] for u in uploads]
+        ideal = sum(pk * s * B @ R @ A for pk, R in zip(p, Rs))
+        np.testing.assert_allclose(s * B @ weighted_sum(Rs, p) @ A, ideal, atol=1e-12)
+        np.testing.assert_allclose(agg[m + LORASB_R], weighted_sum(Rs, p), rtol=1e-6, atol=1e-6)
+    assert fedsb_error(uploads, p, frozen, s) < 1e-14
+    with pytest.raises(ValueError, match="frozen"):
+        aggregate_fedsb([{**u, **frozen} for u in uploads], p)
+
+
+def test_uploads_with_different_tensors_are_rejected():
+    uploads = [{"x" + LORASB_R: np.eye(2)}, {"y" + LORASB_R: np.eye(2)}]
+    with pytest.raises(ValueError, match="different tensors"):
+        aggregate_fedsb(uploads, _weights(2))
