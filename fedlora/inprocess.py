@@ -11,6 +11,7 @@ and large studies use; ``flwr run`` (see :mod:`fedlora.launch`) remains the real
 from __future__ import annotations
 
 import itertools
+import secrets
 from collections.abc import Iterable
 from typing import Any
 
@@ -75,15 +76,13 @@ class InProcessGrid(Grid):
         return self.pull_messages(self.push_messages(messages))
 
 
-_RUN_IDS = itertools.count(1)
-
-
 def run_inprocess(overrides: dict[str, Any] | None = None, num_nodes: int = 2) -> None:
     """Run the fedlora ServerApp's main against an :class:`InProcessGrid` of ``num_nodes`` clients.
 
-    Every call is a new run (its own run id), so per-run client caches never leak across calls.
+    Every call is a new run with a random 62-bit run id (as Flower's are), so per-run client
+    caches and per-run node state files never collide across calls or processes.
     """
-    run_id = next(_RUN_IDS)
+    run_id = secrets.randbits(62)
     from fedlora.client.app import app as client_app
     from fedlora.server.app import main
 

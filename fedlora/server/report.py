@@ -46,7 +46,8 @@ class RoundReporter:
             f"[fedlora] round {server_round}/{self.cfg.num_server_rounds} "
             f"{self.metric}={_fmt(record.get(self.metric))} eval_loss={_fmt(record.get('eval_loss'))} "
             f"train_loss={_fmt(record.get('train_loss'))} clients={_fmt(record.get('num_clients'))} "
-            f"up={int(record.get('bytes_up', 0))}B down={int(record.get('bytes_down', 0))}B",
+            f"up={int(record.get('bytes_up', 0))}B down={int(record.get('bytes_down', 0))}B"
+            + (f" ε={_fmt(record.get('epsilon_max', record.get('epsilon')))}" if self.cfg.dp.mode != "none" else ""),
             flush=True,
         )
 
@@ -65,6 +66,7 @@ class RoundReporter:
             "final_eval_loss": final.get("eval_loss"),
             "total_bytes_up": sum(r.get("bytes_up", 0.0) for r in self.records),
             "total_bytes_down": sum(r.get("bytes_down", 0.0) for r in self.records),
+            "final_epsilon": final.get("epsilon_max", final.get("epsilon")),
             "wall_seconds": time.monotonic() - self.started,
             "run_dir": str(self.run_dir.path),
         }

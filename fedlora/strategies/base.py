@@ -26,11 +26,14 @@ from peft import PeftModel
 from fedlora.adapters.lora import load_adapter_state
 from fedlora.adapters.transport import from_record, record_bytes, to_record
 from fedlora.config import RunConfig
+from fedlora.privacy.accounting import calibrate_noise
+from fedlora.privacy.user_dp import noisy_average, user_level_epsilon
 from fedlora.strategies.common import AdapterState, client_weights
 
 ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
+STATUS = "status"
 
 
 @dataclass
@@ -56,6 +59,9 @@ class LoraStrategy(Strategy):
         self._round_metrics: dict[str, float] = {}
         self._rejected: list[str] = []
         self.current_round = 0
+        self._epsilons: list[float] = []
+        self._num_nodes = 0
+        self.user_dp_history: list[tuple[float, float, int]] = []
 
     # ----- what subclasses provide -------------------------------------------------
     @abstractmethod
@@ -96,6 +102,7 @@ class LoraStrategy(Strategy):
             time.sleep(1)
         if not nodes:
             return []
+        self._num_nodes = len(nodes)
         k = max(1, int(round(fraction * len(nodes))))
         return sorted(self._rng.sample(nodes, k))
 
@@ -137,6 +144,10 @@ class LoraStrategy(Strategy):
             if reply.has_error():
                 failures.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
                 continue
+            if STATUS in reply.content.config_records and "refused" in reply.content[STATUS]:
+                failures.append(f"node {reply.metadata.src_node_id} refused: {reply.content[STATUS]['refused']}")
+                self._epsilons.append(float(reply.content[METRICS].get("epsilon", 0.0)))
+                continue
             bytes_up += record_bytes(reply.content[ARRAYS])
             updates.append(self._parse(reply))
         updates.sort(key=lambda u: (u.partition_id, u.node_id))  # fixed summation order: reproducible
@@ -144,17 +155,41 @@ class LoraStrategy(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         self.current_round = server_round
+        self._epsilons = []
         updates, bytes_up, self._rejected = self.collect(replies)
         self.delivered(server_round, [u.node_id for u in updates])
         metrics = dict(self._round_metrics, bytes_up=float(bytes_up), num_clients=float(len(updates)))
+        self._epsilons += [u.metrics["epsilon"] for u in updates if "epsilon" in u.metrics]
+        if self._epsilons:
+            metrics.update(epsilon_max=max(self._epsilons), epsilon_mean=float(np.mean(self._epsilons)))
         if len(updates) < self.cfg.min_clients:
             log(INFO, "round %d: %d replies < min-clients=%d, global state unchanged", server_round, len(updates), self.cfg.min_clients)
             return None, MetricRecord(metrics)
         weights = client_weights([u.num_examples for u in updates], self.cfg.weighting)
-        self.state, extra = self.aggregate_updates(updates, weights)
+        if self.cfg.dp.mode == "user":
+            self.state, extra = self.user_level_average(updates)
+        else:
+            self.state, extra = self.aggregate_updates(updates, weights)
         metrics.update(extra)
         metrics["train_loss"] = float(sum(p * u.metrics.get("train_loss", 0.0) for p, u in zip(weights, updates)))
         return to_record(self.state), MetricRecord(metrics)
+
+    def user_level_average(self, updates: list[ClientUpdate]) -> tuple[AdapterState, dict[str, float]]:
+        """User-level DP: global + (1/m) Σ_k clip(Δ_k, C) + N(0, (σC/m)²), Δ_k = upload_k − global.
+
+        Only for linear averages (fedavg, ffa, fedsb; config validation refuses the others).
+        Each round is one subsampled Gaussian mechanism with rate q = m / N (N nodes online),
+        composed over rounds by the accountant into the cumulative user-level ``epsilon``.
+        """
+        dp = self.cfg.dp
+        sigma = dp.noise_multiplier or calibrate_noise(dp.target_epsilon, dp.delta, self.cfg.fraction_train,
+                                                       self.cfg.num_server_rounds, dp.accountant)
+        deltas = [{k: u.state[k].astype(np.float64) - self.state[k] for k in u.state} for u in updates]
+        noisy = noisy_average(deltas, dp.max_grad_norm, sigma, np.random.default_rng((self.cfg.seed, self.current_round)))
+        new_state = {**self.state, **{k: (self.state[k] + v).astype(np.float32) for k, v in noisy.items()}}
+        self.user_dp_history.append((sigma, len(updates) / max(self._num_nodes, len(updates)), 1))
+        return new_state, {"epsilon": user_level_epsilon(self.user_dp_history, dp.delta, dp.accountant),
+                           "noise-multiplier": sigma}
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         if self.cfg.fraction_evaluate == 0:

@@ -1,0 +1,83 @@
+"""Sample-level DP on a client (``dp.mode = "sample"``): noise, budget, cumulative ε that survives restarts.
+
+A node's accountant history lives in a JSON file in the node's state directory
+(node config ``state-dir``, else ``$FEDLORA_STATE_DIR``, else ``~/.cache/fedlora/node-state``),
+named after the run and the node, and is mirrored in ``context.state``. The file is the
+source of truth: a restarted SuperNode or ClientApp process picks up the ε already spent.
+
+Noise: ``dp.noise-multiplier`` when > 0, else σ calibrated so that the planned steps of the
+whole run — rounds × expected participation (``fraction-train``) × local steps at sampling
+rate q = batch-size / n — meet ``dp.target-epsilon``. Budget: when a target is set, a node
+whose next round would take its cumulative ε past it refuses to train.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from flwr.app import ConfigRecord, Context
+
+from fedlora.config import RunConfig
+from fedlora.privacy.accounting import AccountantEntry, AccountantHistory, calibrate_noise, epsilon_after, planned_steps
+from fedlora.privacy.sampling import sample_rate_of
+
+STATE_DIR_ENV = "FEDLORA_STATE_DIR"
+STATE_KEY = "dp-history"
+
+
+def node_state_dir(node_config: Mapping[str, Any]) -> Path:
+    """Where this node keeps state that must outlive its processes."""
+    if "state-dir" in node_config:
+        return Path(str(node_config["state-dir"])).expanduser()
+    default = Path.home() / ".cache" / "fedlora" / "node-state"
+    return Path(os.environ.get(STATE_DIR_ENV, default)).expanduser()
+
+
+def history_path(context: Context, partition_id: int) -> Path:
+    who = f"p{partition_id}" if partition_id >= 0 else f"n{context.node_id}"
+    return node_state_dir(context.node_config) / f"privacy-run{context.run_id}-{who}.json"
+
+
+def load_history(context: Context, partition_id: int) -> AccountantHistory:
+    """The node's history: its file when present, else the copy in ``context.state``."""
+    path = history_path(context, partition_id)
+    if path.exists():
+        return AccountantHistory.load(path)
+    if STATE_KEY in context.state.config_records:
+        return AccountantHistory.from_record(context.state[STATE_KEY])
+    return AccountantHistory()
+
+
+def save_history(context: Context, partition_id: int, history: AccountantHistory) -> None:
+    history.save(history_path(context, partition_id))
+    context.state[STATE_KEY] = ConfigRecord(history.to_record())
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """This round's DP parameters for one node, and whether its budget allows the round."""
+
+    noise_multiplier: float
+    sample_rate: float
+    epsilon_now: float
+    epsilon_next: float
+    refuse_reason: str = ""
+
+
+def plan_round(cfg: RunConfig, history: AccountantHistory, num_rows: int) -> RoundPlan:
+    """σ and q for this round, the ε before and after it, and a refusal reason when over budget."""
+    dp = cfg.dp
+    q = sample_rate_of(cfg.batch_size, num_rows)
+    sigma = dp.noise_multiplier
+    if sigma <= 0:
+        steps = planned_steps(cfg.num_server_rounds, cfg.fraction_train, cfg.local_steps)
+        sigma = calibrate_noise(dp.target_epsilon, dp.delta, q, steps, dp.accountant)
+    now = history.epsilon(dp.delta, dp.accountant)
+    after = epsilon_after(history, AccountantEntry(sigma, q, cfg.local_steps), dp.delta, dp.accountant)
+    reason = ""
+    if dp.target_epsilon > 0 and after > dp.target_epsilon:
+        reason = f"privacy budget: this round would raise ε from {now:.3f} to {after:.3f} > dp.target-epsilon={dp.target_epsilon}"
+    return RoundPlan(sigma, q, now, after, reason)

@@ -1,0 +1,96 @@
+"""DP wired through the apps: cumulative ε per node, restarts, budget enforcement, user-level DP."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from flwr.app import Context, RecordDict
+from opacus.accountants import RDPAccountant
+
+from fedlora.client.privacy import load_history
+from fedlora.config import ConfigError, parse_config
+from fedlora.inprocess import run_inprocess
+
+TINY = {"model.name": "tiny-bert", "local-steps": 3, "batch-size": 8, "dataset.max-length": 32,
+        "dataset.eval-max-examples": 32, "lora.rank": 4}
+
+
+def run(tmp_path, **overrides):
+    out = tmp_path / f"run-{len(list(tmp_path.iterdir()))}"
+    run_inprocess({**TINY, "output-dir": str(out), **overrides}, num_nodes=2)
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _history_files():
+    return sorted(Path(os.environ["FEDLORA_STATE_DIR"]).glob("privacy-run*-p*.json"), key=os.path.getmtime)
+
+
+def test_reported_epsilon_is_cumulative_and_matches_a_standalone_accountant(tmp_path):
+    records = run(tmp_path, **{"num-server-rounds": 3, "dp.mode": "sample", "dp.noise-multiplier": 1.1})
+    eps = [r["epsilon_max"] for r in records[1:]]
+    assert eps == sorted(eps) and eps[0] > 0, "ε grows over rounds: it is cumulative"
+    files = _history_files()[-2:]
+    standalone = []
+    for path in files:
+        entries = json.loads(path.read_text())["entries"]
+        assert len(entries) == 3 and all(s == 1.1 and k == 3 for s, _, k in entries)
+        accountant = RDPAccountant()
+        for sigma, q, steps in entries:
+            for _ in range(steps):
+                accountant.step(noise_multiplier=sigma, sample_rate=q)
+        standalone.append(accountant.get_epsilon(delta=1e-5))
+    assert records[-1]["epsilon_max"] == pytest.approx(max(standalone), rel=1e-9)
+
+
+def test_epsilon_survives_a_client_process_restart(tmp_path):
+    run(tmp_path, **{"num-server-rounds": 2, "dp.mode": "sample", "dp.noise-multiplier": 1.1})
+    path = _history_files()[-1]
+    run_id = int(path.name.split("-")[1].removeprefix("run"))
+    partition = int(path.stem.split("-p")[-1])
+    restarted = Context(run_id=run_id, node_id=99, node_config={}, state=RecordDict(), run_config={})
+    history = load_history(restarted, partition)
+    assert len(history.entries) == 2 and history.epsilon(1e-5) > 0
+
+
+def test_budget_is_enforced_and_refusals_reported(tmp_path):
+    target = 2.0
+    records = run(tmp_path, **{"num-server-rounds": 5, "dp.mode": "sample", "dp.noise-multiplier": 0.9,
+                               "dp.target-epsilon": target})
+    assert [r["round"] for r in records] == [0, 1, 2, 3, 4, 5], "the run completes past the budget"
+    refused = [reason for r in records for reason in r.get("rejected", [])]
+    assert refused and all("refused: privacy budget" in reason for reason in refused)
+    assert all(r["epsilon_max"] <= target for r in records[1:] if "epsilon_max" in r)
+    assert records[-1]["num_clients"] == 0
+
+
+def test_calibrated_noise_meets_the_target(tmp_path):
+    records = run(tmp_path, **{"num-server-rounds": 2, "dp.mode": "sample", "dp.target-epsilon": 3.0})
+    assert 0 < records[-1]["epsilon_max"] <= 3.0
+    assert not any(r.get("rejected") for r in records)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+@pytest.mark.parametrize("strategy", ["ffa", "fedsb", "flora"])
+def test_sample_dp_works_with_other_strategies(tmp_path, strategy, mode):
+    records = run(tmp_path, strategy=strategy, **{"num-server-rounds": 1, "dp.mode": "sample",
+                                                    "dp.noise-multiplier": 1.0, "dp.grad-sample-mode": mode})
+    assert records[-1]["num_clients"] == 2 and records[-1]["epsilon_max"] > 0
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "ffa", "fedsb"])
+def test_user_level_dp_runs_for_linear_averages(tmp_path, strategy):
+    records = run(tmp_path, strategy=strategy, **{"num-server-rounds": 2, "dp.mode": "user", "dp.noise-multiplier": 1.0})
+    eps = [r["epsilon"] for r in records[1:]]
+    assert eps[0] < eps[1]
+
+
+@pytest.mark.parametrize("strategy", ["flora", "lorafair"])
+def test_user_level_dp_refused_for_non_linear_strategies(strategy):
+    with pytest.raises(ConfigError, match="'dp.mode'.*'strategy'.*not bound"):
+        parse_config({"strategy": strategy, "dp.mode": "user", "dp.noise-multiplier": 1.0})
+
+
+def test_dp_without_noise_or_budget_is_refused():
+    with pytest.raises(ConfigError, match="dp.noise-multiplier"):
+        parse_config({"dp.mode": "sample"})
