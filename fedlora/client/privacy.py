@@ -1,7 +1,7 @@
 """Sample-level DP on a client (``dp.mode = "sample"``): noise, budget, cumulative ε that survives restarts.
 
 A node's accountant history lives in a JSON file in the node's state directory
-(node config ``state-dir``, else ``$FEDLORA_STATE_DIR``, else ``~/.cache/fedlora/node-state``),
+(:func:`fedlora.client.node_store.node_state_dir`),
 named after the run and the node, and is mirrored in ``context.state``. The file is the
 source of truth: a restarted SuperNode or ClientApp process picks up the ε already spent.
 
@@ -13,32 +13,21 @@ whose next round would take its cumulative ε past it refuses to train.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
 
 from flwr.app import ConfigRecord, Context
 
+from fedlora.client.node_store import node_label, node_state_dir
 from fedlora.config import RunConfig
 from fedlora.privacy.accounting import AccountantEntry, AccountantHistory, calibrate_noise, epsilon_after, planned_steps
 from fedlora.privacy.sampling import sample_rate_of
 
-STATE_DIR_ENV = "FEDLORA_STATE_DIR"
 STATE_KEY = "dp-history"
 
 
-def node_state_dir(node_config: Mapping[str, Any]) -> Path:
-    """Where this node keeps state that must outlive its processes."""
-    if "state-dir" in node_config:
-        return Path(str(node_config["state-dir"])).expanduser()
-    default = Path.home() / ".cache" / "fedlora" / "node-state"
-    return Path(os.environ.get(STATE_DIR_ENV, default)).expanduser()
-
-
 def history_path(context: Context, partition_id: int) -> Path:
-    who = f"p{partition_id}" if partition_id >= 0 else f"n{context.node_id}"
-    return node_state_dir(context.node_config) / f"privacy-run{context.run_id}-{who}.json"
+    return node_state_dir(context.node_config) / f"privacy-run{context.run_id}-{node_label(context, partition_id)}.json"
 
 
 def load_history(context: Context, partition_id: int) -> AccountantHistory:

@@ -40,6 +40,7 @@ from fedlora.data.tokenize import collate, endless_batches
 from fedlora.losses import loss_per_example
 from fedlora.models.loading import load_base_model
 from fedlora.strategies.fedsb import FACTORS
+from fedlora.client.node_store import NodeStore
 from fedlora.config import RunConfig
 from fedlora.strategies.base import ARRAYS
 from fedlora.task import adapted_model, load_task
@@ -111,22 +112,17 @@ class FreshLoRA(ClientRole):
                 server_round: int, device: torch.device) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
         lora = dataclasses.replace(cfg.lora, rank=cfg.lora.rank_of(partition_id))
         model = adapted_model(cfg, str(device), lora, variant=f"flora-run-{context.run_id}")
-        node_state = context.state
+        store = NodeStore(context, partition_id)
         for name in content.array_records:
             if name.startswith(MERGE_PREFIX):
-                node_state[name] = content[name]
-        bring_base_to(model, server_round - 1, lambda j: _stored_merge(node_state, j))
+                store.put(name, from_record(content[name]))
+        bring_base_to(model, server_round - 1, lambda j: store.get(f"{MERGE_PREFIX}{j}"))
         fresh = fresh_lora_state(model, seed=(cfg.seed, server_round, partition_id))
         load_adapter_state(model, {**fresh, **from_record(content[ARRAYS])})
         return model, set_trainable(model)
 
     def reply_metrics(self, cfg: RunConfig, partition_id: int) -> dict[str, int | float]:
         return {"rank": cfg.lora.rank_of(partition_id)}
-
-
-def _stored_merge(node_state: RecordDict, j: int) -> AdapterState | None:
-    name = f"{MERGE_PREFIX}{j}"
-    return from_record(node_state[name]) if name in node_state.array_records else None
 
 
 
@@ -151,13 +147,14 @@ class OnlyR(ClientRole):
 
     def prepare(self, cfg: RunConfig, content: RecordDict, context: Context, partition_id: int,
                 server_round: int, device: torch.device) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
-        node_state = context.state
+        store = NodeStore(context, partition_id)
         if FACTORS in content.array_records:
-            node_state[FACTORS] = content[FACTORS]
-        if FACTORS not in node_state.array_records:
+            store.put(FACTORS, from_record(content[FACTORS]))
+        frozen = store.get(FACTORS)
+        if frozen is None:
             raise RuntimeError("Fed-SB: this node never received the fixed B/A factors; refusing to train")
         received = from_record(content[ARRAYS])
-        model = lorasb_model(cfg, from_record(node_state[FACTORS]), received, device)
+        model = lorasb_model(cfg, frozen, received, device)
         load_lorasb_state(model, received)
         return model, [p for p in model.parameters() if p.requires_grad]
 
