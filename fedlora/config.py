@@ -138,6 +138,18 @@ class DPConfig:
 
 
 @dataclass(frozen=True)
+class FaultsConfig:
+    dropout: float = knob(0.0, fraction_or_zero, "fault injection: probability a sampled client fails in a training round")
+    straggler: float = knob(0.0, fraction_or_zero, "fault injection: probability a sampled client's reply misses round-timeout (discarded as late)")
+    corrupt: float = knob(0.0, fraction_or_zero, "fault injection: probability a client's reply is corrupted (NaN/Inf, wrong shape or a missing tensor)")
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    max_rms: float = knob(10.0, positive, "largest root-mean-square value of any uploaded tensor; replies above it are rejected")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     strategy: str = knob("fedavg", doc="aggregation strategy (see fedlora.strategies.STRATEGIES)")
     num_server_rounds: int = knob(5, positive, "federated rounds")
@@ -153,6 +165,7 @@ class RunConfig:
     weight_decay: float = knob(0.0, non_negative, "client weight decay")
     seed: int = knob(42, non_negative, "seed for initialisation, partitioning, sampling and training")
     output_dir: str = knob("", doc="run directory; empty = runs/<timestamp>-<strategy>")
+    resume_from: str = knob("", doc="run directory to continue from its last checkpoint; empty = a new run")
     device: str = knob("auto", device_name, "compute device")
     precision: str = knob("auto", one_of("auto", "fp32", "bf16", "fp16"), "autocast precision on CUDA")
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -162,6 +175,8 @@ class RunConfig:
     lorafair: LoraFairConfig = field(default_factory=LoraFairConfig)
     fedsb: FedSBConfig = field(default_factory=FedSBConfig)
     dp: DPConfig = field(default_factory=DPConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     def to_flat(self) -> dict[str, Any]:
         """The config as Flower's flat dotted-key dict (what config.json stores)."""

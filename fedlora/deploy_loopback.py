@@ -147,6 +147,16 @@ class LoopbackFederation:
                 runtime_address=f"{LOOPBACK}:{port}", ca_cert=None)])
         return node
 
+    def kill_supernode(self, name: str) -> None:
+        """SIGKILL SuperNode ``name`` and its SuperExec (with the app processes it launched): a machine that died."""
+        for process in self.processes:
+            if process.name in (name, f"{name}-superexec"):
+                try:
+                    os.killpg(process.popen.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                process.exit_code(10)
+
     def online_nodes(self) -> set[str]:
         """Ids of the SuperNodes the SuperLink currently sees online."""
         out = self._flwr(["supernode", "list", CONNECTION, "--format", "json"])

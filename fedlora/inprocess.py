@@ -15,8 +15,9 @@ import secrets
 from collections.abc import Iterable
 from typing import Any
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
@@ -55,14 +56,21 @@ class InProcessGrid(Grid):
         return list(self._contexts)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Deliver each message to its node's ClientApp now; keep the reply (or the error) for pulling."""
+        """Deliver each message to its node's ClientApp now; keep the reply (or the error) for pulling.
+
+        A ClientApp that raises gets an error reply, worded as Flower's runtime words it.
+        """
         ids = []
         for message in messages:
             message_id = str(next(self._ids))
+            message.metadata.__dict__["_message_id"] = message_id  # as Flower's grids do on push
             node = message.metadata.dst_node_id
             TaskIdentity.node_id = node
             try:
                 reply = self._app(message, self._contexts[node])
+            except Exception as ex:  # noqa: BLE001 — Flower's runtime reports every ClientApp exception as an error reply
+                reason = str(type(ex)) + ":<'" + str(ex) + "'>"
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
             finally:
                 TaskIdentity.node_id = SERVER_NODE
             self._replies[message_id] = reply

@@ -5,7 +5,8 @@ the same job in the background, and meanwhile brings up the loopback federation 
 :mod:`fedlora.deploy_loopback` (the command lines ``docker-compose.yml`` is rendered from):
 two registered SuperNodes (partitions 0 and 1 of 2), one SuperNode with an unregistered
 key and one that tries ``--insecure`` against the TLS SuperLink. The deployed run is judged
-by ``flwr ls`` and its run directory, never by ``flwr run``'s exit code.
+by ``flwr ls`` and its run directory, never by ``flwr run``'s exit code. A second
+federation of three SuperNodes loses one (SIGKILL) mid-run and must finish with the others.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,10 +52,17 @@ class Outcome:
 
 
 @pytest.fixture(scope="module")
-def outcome(tmp_path_factory) -> Outcome:
-    work = tmp_path_factory.mktemp("deployment")
-    certs = work / "certs"
+def credentials(tmp_path_factory) -> Path:
+    """CA, server certificate and three SuperNode key pairs from ``deploy/make_certs.sh``."""
+    certs = tmp_path_factory.mktemp("credentials") / "certs"
     subprocess.run([str(MAKE_CERTS), "--out", str(certs), "--nodes", "3"], check=True, timeout=120, capture_output=True)
+    return certs
+
+
+@pytest.fixture(scope="module")
+def outcome(tmp_path_factory, credentials) -> Outcome:
+    work = tmp_path_factory.mktemp("deployment")
+    certs = credentials
     partitions = [{"partition-id": p, "num-partitions": 2} for p in (0, 1)]
     with ThreadPoolExecutor(max_workers=1) as pool:
         simulation = pool.submit(run_simulation, {**JOB, "output-dir": str(work / "simulated")}, num_supernodes=2,
@@ -148,3 +157,44 @@ def test_make_certs_writes_ca_signed_server_cert_with_sans_and_ecdsa_node_keys(t
     assert fingerprint.startswith("384 ") and "(ECDSA)" in fingerprint
     refused = subprocess.run([str(MAKE_CERTS), "--out", str(out)], capture_output=True, text=True, timeout=60)
     assert refused.returncode != 0 and "--force" in refused.stderr
+
+
+def _wait_for_round(metrics: Path, server_round: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if metrics.is_file() and any(json.loads(line)["round"] == server_round
+                                     for line in metrics.read_text().splitlines() if line.endswith("}")):
+            return
+        time.sleep(1.0)
+    raise TimeoutError(f"round {server_round} not recorded in {metrics} after {timeout:.0f} s")
+
+
+def test_run_survives_a_supernode_killed_mid_run(credentials, tmp_path):
+    """Three SuperNodes; after round 1 one is SIGKILLed; rounds 2 and 3 aggregate the other two (min-clients = 1).
+
+    The dead node's round-2 message is answered by nobody: the round ends when the SuperLink
+    marks it offline (~46-49 s) or at round-timeout = 60 s, whichever is first; from then on
+    it is no longer sampled.
+    """
+    out = tmp_path / "run"
+    job = {**JOB, "num-server-rounds": 3, "round-timeout": 60.0, "min-clients": 1, "output-dir": str(out)}
+    with LoopbackFederation(tmp_path / "loopback", credentials) as federation:
+        ids = {index: federation.register(index) for index in (1, 2, 3)}
+        node_ids = set(ids.values())
+        for index in (1, 2, 3):
+            federation.start_supernode(f"supernode-{index}", {"partition-id": index - 1, "num-partitions": 3},
+                                       key_index=index)
+        federation.wait_online(node_ids)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            running = pool.submit(federation.run, job, timeout=480)
+            _wait_for_round(out / "metrics.jsonl", 1, timeout=360)
+            federation.kill_supernode("supernode-3")
+            result = running.result(timeout=540)
+    assert result.ok, result.status + "\n" + result.output[-3000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [0, 1, 2, 3]
+    assert [r["num_clients"] for r in records[1:]] == [3, 2, 2]
+    assert all(np.isfinite(r["eval_loss"]) for r in records)
+    round_2 = records[2]
+    assert round_2["num_sampled"] == 3 and len(round_2["rejected"]) == 1, round_2
+    assert round_2["rejected"][0].startswith(f"node {ids[3]}:"), round_2["rejected"]

@@ -46,10 +46,9 @@ def test_reported_epsilon_is_cumulative_and_matches_a_standalone_accountant(tmp_
 def test_epsilon_survives_a_client_process_restart(tmp_path):
     run(tmp_path, **{"num-server-rounds": 2, "dp.mode": "sample", "dp.noise-multiplier": 1.1})
     path = _history_files()[-1]
-    run_id = int(path.name.split("-")[1].removeprefix("run"))
-    partition = int(path.stem.split("-p")[-1])
-    restarted = Context(run_id=run_id, node_id=99, node_config={}, state=RecordDict(), run_config={})
-    history = load_history(restarted, partition)
+    label, partition = path.stem.removeprefix("privacy-").rsplit("-p", 1)
+    restarted = Context(run_id=0, node_id=99, node_config={}, state=RecordDict(), run_config={})
+    history = load_history(restarted, int(partition), label)
     assert len(history.entries) == 2 and history.epsilon(1e-5) > 0
 
 
@@ -94,3 +93,59 @@ def test_user_level_dp_refused_for_non_linear_strategies(strategy):
 def test_dp_without_noise_or_budget_is_refused():
     with pytest.raises(ConfigError, match="dp.noise-multiplier"):
         parse_config({"dp.mode": "sample"})
+
+
+def _standalone_epsilon(entries):
+    accountant = RDPAccountant()
+    for sigma, q, steps in entries:
+        for _ in range(steps):
+            accountant.step(noise_multiplier=sigma, sample_rate=q)
+    return accountant.get_epsilon(delta=1e-5)
+
+
+def test_fedsb_initial_gradients_are_private_and_accounted(tmp_path):
+    """The dense gradient upload before round 1 is a DP release: round 1's ε counts it."""
+    records = run(tmp_path, strategy="fedsb", **{"num-server-rounds": 1, "dp.mode": "sample",
+                                                   "dp.noise-multiplier": 1.1, "fedsb.init-batches": 2})
+    assert records[0]["epsilon_max"] > 0, "round 0 (the gradient round) already spends privacy"
+    histories = [json.loads(p.read_text())["entries"] for p in _history_files()[-2:]]
+    assert all([k for _, _, k in h] == [2, 3] for h in histories), "init-batches steps, then local-steps"
+    expected = max(_standalone_epsilon(h) for h in histories)
+    assert records[1]["epsilon_max"] == pytest.approx(expected, rel=1e-9)
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def test_epsilon_continues_after_a_server_resume(tmp_path, monkeypatch):
+    """The resumed run is a new Flower run; the nodes still count every release since the start."""
+    import fedlora.server.app as server_app
+
+    out = tmp_path / "crashed"
+    config = {**TINY, "output-dir": str(out), "num-server-rounds": 2, "dp.mode": "sample", "dp.noise-multiplier": 1.1}
+    real_write = server_app.write_checkpoint
+
+    def crash_after_round_1(path, checkpoint):
+        real_write(path, checkpoint)
+        if checkpoint.server_round == 1:
+            raise _Crash("server killed after round 1")
+
+    monkeypatch.setattr(server_app, "write_checkpoint", crash_after_round_1)
+    with pytest.raises(_Crash):
+        run_inprocess(config, num_nodes=2)
+    monkeypatch.setattr(server_app, "write_checkpoint", real_write)
+    run_inprocess({**config, "resume-from": str(out)}, num_nodes=2)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    uninterrupted = run(tmp_path, **{"num-server-rounds": 2, "dp.mode": "sample", "dp.noise-multiplier": 1.1})
+    assert records[2]["epsilon_max"] == pytest.approx(uninterrupted[2]["epsilon_max"], rel=1e-9)
+    assert records[2]["epsilon_max"] > records[1]["epsilon_max"]
+
+
+def test_fedsb_gradient_round_is_a_user_level_release(tmp_path):
+    """Under user-level DP the mean gradient that fixes B, A is clipped, noised and accounted like a round."""
+    from fedlora.privacy.user_dp import user_level_epsilon
+
+    records = run(tmp_path, strategy="fedsb", **{"num-server-rounds": 1, "dp.mode": "user", "dp.noise-multiplier": 1.0})
+    assert records[0]["epsilon"] == pytest.approx(user_level_epsilon([(1.0, 1.0, 1)], 1e-5), rel=1e-9)
+    assert records[1]["epsilon"] == pytest.approx(user_level_epsilon([(1.0, 1.0, 1)] * 2, 1e-5), rel=1e-9)

@@ -10,11 +10,13 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from fedlora.adapters.lora import LORA_A, LORA_B, adapter_state, load_adapter_state, lora_modules, merge_into_base
 from fedlora.adapters.lorasb import LORASB_A, LORASB_B, LORASB_R
-from fedlora.strategies.common import aggregate_extras, client_weights, ideal_update, weighted_sum
+from fedlora.strategies.common import (
+    aggregate_extras, client_weights, difference, frobenius, ideal_factors, relative_error, weighted_sum,
+)
 from fedlora.strategies.fedavg import fedavg_error, fedavg_states
 from fedlora.strategies.fedsb import aggregate_fedsb, fedsb_error, lorasb_init, lorasb_init_states
 from fedlora.strategies.ffa import aggregate_ffa, ffa_error, trainable_part
-from fedlora.strategies.flora import concat_stacks, flora_error, merged_deltas, stack_module, stacked_state
+from fedlora.strategies.flora import concat_stacks, flora_error, merged_deltas, stacked_state
 from fedlora.strategies.lorafair import aggregate_lorafair, lorafair_module
 
 D, K = 12, 10
@@ -40,8 +42,32 @@ def _lora_states(ranks, seed=0, shared_A=False):
     return states
 
 
+def ideal_update(Bs, As, scales, p):
+    """Dense reference ΔW* = Σ_k p_k s_k B_k A_k in float64."""
+    return sum(pk * sk * (np.asarray(B, np.float64) @ np.asarray(A, np.float64)) for pk, sk, B, A in zip(p, scales, Bs, As))
+
+
 def _factors(states, m):
     return [s[m + LORA_B] for s in states], [s[m + LORA_A] for s in states]
+
+
+# ----- factored norms ------------------------------------------------------------------------
+@pytest.mark.parametrize("m", [3, 40])
+def test_frobenius_of_factors_equals_the_dense_norm(m):
+    rng = np.random.default_rng(7)
+    U, V = rng.standard_normal((30, m)), rng.standard_normal((m, 20))
+    assert frobenius((U, V)) == pytest.approx(np.linalg.norm(U @ V), rel=1e-12)
+    U2, V2 = rng.standard_normal((30, 2)), rng.standard_normal((2, 20))
+    np.testing.assert_allclose(np.matmul(*difference((U, V), (U2, V2))), U @ V - U2 @ V2, atol=1e-12)
+
+
+def test_relative_error_sums_modules_in_quadrature():
+    rng = np.random.default_rng(8)
+    pairs = [((rng.standard_normal((9, 2)), rng.standard_normal((2, 7))), (rng.standard_normal((9, 3)), rng.standard_normal((3, 7))))
+             for _ in range(3)]
+    num = sum(np.linalg.norm(a[0] @ a[1] - i[0] @ i[1]) ** 2 for a, i in pairs)
+    den = sum(np.linalg.norm(i[0] @ i[1]) ** 2 for _, i in pairs)
+    assert relative_error(iter(pairs)) == pytest.approx(np.sqrt(num / den), rel=1e-12)
 
 
 # ----- FedAvg (FedIT) -----------------------------------------------------------------
@@ -101,11 +127,11 @@ def test_flora_stack_is_exact_for_mixed_ranks():
     states, p = _lora_states(RANKS), _weights(3)
     for m in MODULES:
         Bs, As = _factors(states, m)
-        B_stack, A_stack = stack_module(Bs, As, p, SCALES)
+        B_stack, A_stack = ideal_factors(Bs, As, SCALES, p)
         assert B_stack.shape == (D, sum(RANKS)) and A_stack.shape == (sum(RANKS), K)
         ideal = sum(pk * sk * B @ A for pk, sk, B, A in zip(p, SCALES, Bs, As))
         np.testing.assert_allclose(B_stack @ A_stack, ideal, atol=1e-12)
-    assert flora_error(states, p, SCALES) < 1e-14
+    assert flora_error(stacked_state(states, p, SCALES), states, p, SCALES) < 1e-6  # float32 stack as merged
 
 
 def test_flora_merged_deltas_one_module_at_a_time():
@@ -137,7 +163,7 @@ def test_flora_merge_then_fresh_lora_keeps_the_layer_output():
     """W0 x + B_stack A_stack x (the aggregated model) == (W0 + ΔW) x + s·0·A_fresh x."""
     torch.manual_seed(0)
     states, p = _lora_states(RANKS), _weights(3)
-    B_stack, A_stack = stack_module(*_factors(states, MODULES[0]), p, SCALES)
+    B_stack, A_stack = ideal_factors(*_factors(states, MODULES[0]), SCALES, p)
     layer = torch.nn.Linear(K, D, dtype=torch.float64)
     x = torch.randn(5, K, dtype=torch.float64)
     with torch.no_grad():

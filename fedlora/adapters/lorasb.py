@@ -10,7 +10,8 @@ support. State names follow peft's pattern: ``<module>.lorasb_A.weight`` (r×k),
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -154,31 +155,38 @@ def to_peft_lora(frozen: AdapterState, R_state: AdapterState, scale: float, peft
     return out
 
 
+@contextmanager
+def weights_requiring_grad(model: nn.Module, target_names: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """The weights of the target nn.Linear modules, with ``requires_grad`` on while inside (flags restored after)."""
+    linears = target_linears(model, target_names)
+    weights = {name: linear.weight for name, linear in linears.items()}
+    flags = [w.requires_grad for w in weights.values()]
+    try:
+        for w in weights.values():
+            w.requires_grad_(True)
+        yield weights
+    finally:
+        for w, flag in zip(weights.values(), flags):
+            w.requires_grad_(flag)
+
+
 def gradient_estimate(model: nn.Module, batches: Iterable, target_names: Sequence[str],
                       loss_fn: Callable[[nn.Module, object], torch.Tensor]) -> dict[str, np.ndarray]:
     """G_m = (1/N) Σ_b ∂L(b)/∂W_m for every target nn.Linear weight W_m, over N batches (float32 numpy).
 
     ``loss_fn(model, batch)`` returns the scalar loss. The target weights require grad only
-    while this runs (their flags are restored afterwards) and gradients are taken with
+    while this runs (:func:`weights_requiring_grad`) and gradients are taken with
     ``torch.autograd.grad``, so no ``.grad`` of any parameter is touched. The model's
     train/eval mode is the caller's choice (dropout makes the estimate random).
     """
-    linears = target_linears(model, target_names)
-    weights = [linear.weight for linear in linears.values()]
-    flags = [w.requires_grad for w in weights]
-    sums = [torch.zeros(w.shape, dtype=torch.float64, device=w.device) for w in weights]
-    count = 0
-    try:
-        for w in weights:
-            w.requires_grad_(True)
+    with weights_requiring_grad(model, target_names) as weights:
+        sums = [torch.zeros(w.shape, dtype=torch.float64, device=w.device) for w in weights.values()]
+        count = 0
         for batch in batches:
-            grads = torch.autograd.grad(loss_fn(model, batch), weights)
+            grads = torch.autograd.grad(loss_fn(model, batch), list(weights.values()))
             for acc, g in zip(sums, grads):
                 acc += g.to(torch.float64)
             count += 1
-    finally:
-        for w, flag in zip(weights, flags):
-            w.requires_grad_(flag)
     if count == 0:
         raise ValueError("gradient_estimate needs at least one batch")
-    return {name: (acc / count).to("cpu", torch.float32).numpy() for name, acc in zip(linears, sums)}
+    return {name: (acc / count).to("cpu", torch.float32).numpy() for name, acc in zip(weights, sums)}

@@ -14,13 +14,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedlora.adapters.transport import to_record
+from fedlora.client.faults import draw_fault
+from fedlora.client.node_store import run_label
 from fedlora.client.loop import make_optimizer, train_steps
-from fedlora.client.privacy import load_history, plan_round, save_history
+from fedlora.client.privacy import RoundPlan, load_history, plan_round, save_history
 from fedlora.client.roles import OnlyR, client_role
-from fedlora.config import parse_config
+from fedlora.config import RunConfig, parse_config
 from fedlora.device import autocast_dtype, pick_device
 from fedlora.evaluation import evaluate_rows
-from fedlora.privacy.accounting import AccountantEntry
+from fedlora.privacy.accounting import AccountantEntry, AccountantHistory
 from fedlora.privacy.sample_dp import dp_train_steps
 from fedlora.strategies.base import ARRAYS, CONFIG, METRICS, STATUS
 from fedlora.task import client_rows, load_task
@@ -28,27 +30,56 @@ from fedlora.task import client_rows, load_task
 app = ClientApp()
 
 
+def _reply(msg: Message, arrays: ArrayRecord, metrics: dict, status: dict | None = None) -> Message:
+    records = {ARRAYS: arrays, METRICS: MetricRecord(metrics)}
+    if status:
+        records[STATUS] = ConfigRecord(status)
+    return Message(RecordDict(records), reply_to=msg)
+
+
+def _privacy_plan(cfg: RunConfig, context: Context, run: str, partition_id: int, num_rows: int,
+                  steps: int) -> tuple[AccountantHistory, RoundPlan] | None:
+    """Under sample-level DP: the node's history and the plan for a release of ``steps`` DP steps."""
+    if cfg.dp.mode != "sample":
+        return None
+    history = load_history(context, partition_id, run)
+    return history, plan_round(cfg, history, num_rows, steps)
+
+
+def _account(cfg: RunConfig, context: Context, run: str, partition_id: int, history: AccountantHistory,
+             plan: RoundPlan, steps: int) -> dict[str, float]:
+    """Record a release in the node's history (on disk first); the reply metrics that report it."""
+    history.add(AccountantEntry(plan.noise_multiplier, plan.sample_rate, steps))
+    save_history(context, partition_id, run, history)
+    return {"epsilon": history.epsilon(cfg.dp.delta, cfg.dp.accountant), "noise-multiplier": plan.noise_multiplier}
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train the received global state for ``local-steps`` steps on this node's data."""
+    """Train the received global state for ``local-steps`` steps on this node's data.
+
+    Under ``dp.mode = "sample"`` every release — each round's update and Fed-SB's initial
+    gradient estimate — is a DP mechanism accounted in the node's history; a node whose
+    budget would be exceeded replies with a refusal instead.
+    """
     cfg = parse_config(context.run_config)
     device = pick_device(cfg.device)
     rows, partition_id = client_rows(cfg, context.node_config)
     config = msg.content[CONFIG]
+    run = run_label(context, config)
     server_round = int(config["server-round"])
+    identity = {"num-examples": len(rows), "partition-id": partition_id}
+    steps = cfg.fedsb.init_batches if int(config.get("fedsb-init", 0)) else cfg.local_steps
+    private = _privacy_plan(cfg, context, run, partition_id, len(rows), steps)
+    if private and private[1].refuse_reason:
+        return _reply(msg, ArrayRecord(), {**identity, "epsilon": private[1].epsilon_now}, {"refused": private[1].refuse_reason})
     if int(config.get("fedsb-init", 0)):
         targets = str(config["fedsb-targets"]).split(",")
-        gradients = OnlyR.initial_gradients(cfg, rows, targets, partition_id, device)
-        metrics = MetricRecord({"num-examples": len(rows), "partition-id": partition_id})
-        return Message(RecordDict({ARRAYS: to_record(gradients), METRICS: metrics}), reply_to=msg)
-    history, plan = None, None
-    if cfg.dp.mode == "sample":
-        history = load_history(context, partition_id)
-        plan = plan_round(cfg, history, len(rows))
-        if plan.refuse_reason:
-            metrics = MetricRecord({"num-examples": len(rows), "partition-id": partition_id, "epsilon": plan.epsilon_now})
-            status = ConfigRecord({"refused": plan.refuse_reason})
-            return Message(RecordDict({ARRAYS: ArrayRecord(), METRICS: metrics, STATUS: status}), reply_to=msg)
+        gradients = OnlyR.initial_gradients(cfg, rows, targets, partition_id, device, private[1] if private else None)
+        extra = _account(cfg, context, run, partition_id, *private, steps) if private else {}
+        return _reply(msg, to_record(gradients), {**identity, **extra})
+    fault = draw_fault(cfg.faults, cfg.seed, server_round, partition_id)
+    fault.check_alive(server_round, partition_id)
     role = client_role(cfg.strategy)
     model, params = role.prepare(cfg, msg.content, context, partition_id, server_round, device)
     task = load_task(cfg)
@@ -57,20 +88,19 @@ def train(msg: Message, context: Context) -> Message:
     generator = torch.Generator().manual_seed(client_seed)
     amp = autocast_dtype(cfg.precision, device)
     extra: dict[str, float] = {}
-    if plan is None:
+    if private is None:
         loss = train_steps(model, rows, task.kind, task.pad_id, make_optimizer(params, cfg), cfg.local_steps,
                            cfg.batch_size, generator, device, amp)
     else:
+        history, plan = private
         result = dp_train_steps(model, rows, task.kind, task.pad_id, lambda ps: make_optimizer(ps, cfg), cfg.local_steps,
                                 cfg.batch_size, plan.noise_multiplier, cfg.dp.max_grad_norm, cfg.dp.grad_sample_mode,
                                 generator, device, amp)
-        history.add(AccountantEntry(plan.noise_multiplier, result.sample_rate, result.steps))
-        save_history(context, partition_id, history)
+        extra = _account(cfg, context, run, partition_id, history, plan, result.steps)
         loss = result.mean_loss
-        extra = {"epsilon": history.epsilon(cfg.dp.delta, cfg.dp.accountant), "noise-multiplier": plan.noise_multiplier}
-    metrics = MetricRecord({"num-examples": len(rows), "train_loss": loss, "partition-id": partition_id,
-                            **role.reply_metrics(cfg, partition_id), **extra})
-    return Message(RecordDict({ARRAYS: to_record(role.upload(model)), METRICS: metrics}), reply_to=msg)
+    metrics = {**identity, "train_loss": loss, **role.reply_metrics(cfg, partition_id), **extra,
+               **fault.reply_metrics(cfg.round_timeout)}
+    return _reply(msg, to_record(fault.apply(role.upload(model))), metrics)
 
 
 @app.evaluate()

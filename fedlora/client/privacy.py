@@ -6,8 +6,9 @@ named after the run and the node, and is mirrored in ``context.state``. The file
 source of truth: a restarted SuperNode or ClientApp process picks up the ε already spent.
 
 Noise: ``dp.noise-multiplier`` when > 0, else σ calibrated so that the planned steps of the
-whole run — rounds × expected participation (``fraction-train``) × local steps at sampling
-rate q = batch-size / n — meet ``dp.target-epsilon``. Budget: when a target is set, a node
+whole run — rounds × expected participation (``fraction-train``) × local steps, plus
+Fed-SB's initial gradient estimate (:mod:`fedlora.privacy.dp_gradient`), at sampling rate
+q = batch-size / n — meet ``dp.target-epsilon``. Budget: when a target is set, a node
 whose next round would take its cumulative ε past it refuses to train.
 """
 
@@ -26,13 +27,14 @@ from fedlora.privacy.sampling import sample_rate_of
 STATE_KEY = "dp-history"
 
 
-def history_path(context: Context, partition_id: int) -> Path:
-    return node_state_dir(context.node_config) / f"privacy-run{context.run_id}-{node_label(context, partition_id)}.json"
+def history_path(context: Context, partition_id: int, run: str) -> Path:
+    """The node's accountant file for the logical run ``run`` (:func:`~fedlora.client.node_store.run_label`)."""
+    return node_state_dir(context.node_config) / f"privacy-{run}-{node_label(context, partition_id)}.json"
 
 
-def load_history(context: Context, partition_id: int) -> AccountantHistory:
+def load_history(context: Context, partition_id: int, run: str) -> AccountantHistory:
     """The node's history: its file when present, else the copy in ``context.state``."""
-    path = history_path(context, partition_id)
+    path = history_path(context, partition_id, run)
     if path.exists():
         return AccountantHistory.load(path)
     if STATE_KEY in context.state.config_records:
@@ -40,8 +42,8 @@ def load_history(context: Context, partition_id: int) -> AccountantHistory:
     return AccountantHistory()
 
 
-def save_history(context: Context, partition_id: int, history: AccountantHistory) -> None:
-    history.save(history_path(context, partition_id))
+def save_history(context: Context, partition_id: int, run: str, history: AccountantHistory) -> None:
+    history.save(history_path(context, partition_id, run))
     context.state[STATE_KEY] = ConfigRecord(history.to_record())
 
 
@@ -56,16 +58,22 @@ class RoundPlan:
     refuse_reason: str = ""
 
 
-def plan_round(cfg: RunConfig, history: AccountantHistory, num_rows: int) -> RoundPlan:
-    """σ and q for this round, the ε before and after it, and a refusal reason when over budget."""
+def planned_client_steps(cfg: RunConfig) -> int:
+    """DP steps a client is expected to take over the run: its training steps, plus
+    ``fedsb.init-batches`` for Fed-SB's private gradient estimate before round 1."""
+    steps = planned_steps(cfg.num_server_rounds, cfg.fraction_train, cfg.local_steps)
+    return steps + (cfg.fedsb.init_batches if cfg.strategy == "fedsb" else 0)
+
+
+def plan_round(cfg: RunConfig, history: AccountantHistory, num_rows: int, steps: int) -> RoundPlan:
+    """σ and q for a release of ``steps`` DP steps, the ε before and after it, and a refusal reason when over budget."""
     dp = cfg.dp
     q = sample_rate_of(cfg.batch_size, num_rows)
     sigma = dp.noise_multiplier
     if sigma <= 0:
-        steps = planned_steps(cfg.num_server_rounds, cfg.fraction_train, cfg.local_steps)
-        sigma = calibrate_noise(dp.target_epsilon, dp.delta, q, steps, dp.accountant)
+        sigma = calibrate_noise(dp.target_epsilon, dp.delta, q, planned_client_steps(cfg), dp.accountant)
     now = history.epsilon(dp.delta, dp.accountant)
-    after = epsilon_after(history, AccountantEntry(sigma, q, cfg.local_steps), dp.delta, dp.accountant)
+    after = epsilon_after(history, AccountantEntry(sigma, q, steps), dp.delta, dp.accountant)
     reason = ""
     if dp.target_epsilon > 0 and after > dp.target_epsilon:
         reason = f"privacy budget: this round would raise ε from {now:.3f} to {after:.3f} > dp.target-epsilon={dp.target_epsilon}"

@@ -40,9 +40,11 @@ from fedlora.data.tokenize import collate, endless_batches
 from fedlora.losses import loss_per_example
 from fedlora.models.loading import load_base_model
 from fedlora.strategies.fedsb import FACTORS
-from fedlora.client.node_store import NodeStore
+from fedlora.client.node_store import NodeStore, run_label
+from fedlora.client.privacy import RoundPlan
 from fedlora.config import RunConfig
-from fedlora.strategies.base import ARRAYS
+from fedlora.privacy.dp_gradient import dp_gradient_estimate
+from fedlora.strategies.base import ARRAYS, CONFIG
 from fedlora.task import adapted_model, load_task
 
 
@@ -112,7 +114,7 @@ class FreshLoRA(ClientRole):
                 server_round: int, device: torch.device) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
         lora = dataclasses.replace(cfg.lora, rank=cfg.lora.rank_of(partition_id))
         model = adapted_model(cfg, str(device), lora, variant=f"flora-run-{context.run_id}")
-        store = NodeStore(context, partition_id)
+        store = NodeStore(context, partition_id, run_label(context, content[CONFIG]))
         for name in content.array_records:
             if name.startswith(MERGE_PREFIX):
                 store.put(name, from_record(content[name]))
@@ -147,7 +149,7 @@ class OnlyR(ClientRole):
 
     def prepare(self, cfg: RunConfig, content: RecordDict, context: Context, partition_id: int,
                 server_round: int, device: torch.device) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
-        store = NodeStore(context, partition_id)
+        store = NodeStore(context, partition_id, run_label(context, content[CONFIG]))
         if FACTORS in content.array_records:
             store.put(FACTORS, from_record(content[FACTORS]))
         frozen = store.get(FACTORS)
@@ -163,20 +165,29 @@ class OnlyR(ClientRole):
 
     @staticmethod
     def initial_gradients(cfg: RunConfig, rows: list[dict], targets: list[str], partition_id: int,
-                          device: torch.device) -> AdapterState:
-        """Mean full-weight gradient of every target module over ``fedsb.init-batches`` local batches."""
+                          device: torch.device, privacy: RoundPlan | None = None) -> AdapterState:
+        """Full-weight gradient of every target module over ``fedsb.init-batches`` local batches.
+
+        Without ``privacy``: the mean batch gradient. With it (sample-level DP): the clipped,
+        noised estimate of :func:`fedlora.privacy.dp_gradient.dp_gradient_estimate` at the
+        plan's σ and q, over as many Poisson batches.
+        """
         task = load_task(cfg)
         model = load_base_model(cfg.model.name, task.kind, task.num_labels).to(device)
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + partition_id)
-        batches = endless_batches(len(rows), cfg.batch_size, generator)
-        picked = [collate([rows[i] for i in next(batches)], task.pad_id) for _ in range(cfg.fedsb.init_batches)]
 
-        def loss_fn(m: torch.nn.Module, batch: dict) -> torch.Tensor:
+        def loss_of(m: torch.nn.Module, batch: dict) -> torch.Tensor:
             batch = {k: v.to(device) for k, v in batch.items()}
             labels = batch.pop("labels")
             return loss_per_example(task.kind, m(**batch).logits, labels).mean()
 
-        return gradient_estimate(model, picked, targets, loss_fn)
+        if privacy is not None:
+            return dp_gradient_estimate(model, len(rows), targets, lambda m, i: loss_of(m, collate([rows[i]], task.pad_id)),
+                                        cfg.fedsb.init_batches, privacy.sample_rate, privacy.noise_multiplier,
+                                        cfg.dp.max_grad_norm, generator)
+        batches = endless_batches(len(rows), cfg.batch_size, generator)
+        picked = [collate([rows[i] for i in next(batches)], task.pad_id) for _ in range(cfg.fedsb.init_batches)]
+        return gradient_estimate(model, picked, targets, loss_of)
 
 
 #: strategy name -> client role

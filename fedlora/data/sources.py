@@ -7,6 +7,12 @@ Every source is normalised to one of two schemas:
 
 and split once, deterministically under the run seed, into a train split (partitioned
 among clients) and a held-out split that only the server evaluates on.
+
+User-supplied files (``dataset.name`` as a local file, a site's ``data-path``) are checked
+on load: an unreadable or empty file, a missing column, a missing (null) value or a label
+outside the run's label set is a ``ValueError`` naming the file, the row (data rows count
+from 1; the CSV header is not a row) and the column. Texts of any length are accepted:
+tokenization truncates every example to ``dataset.max-length`` tokens.
 """
 
 from __future__ import annotations
@@ -103,20 +109,42 @@ def _topics_dataset() -> tuple[datasets.Dataset, tuple[str, ...]]:
     return datasets.Dataset.from_dict(rows), tuple(kept)
 
 
+def read_local_file(file: Path) -> datasets.Dataset:
+    """A local .jsonl/.json/.csv/.parquet file as a Dataset; ``ValueError`` naming the file if it is empty or unreadable."""
+    if file.stat().st_size == 0:
+        raise ValueError(f"{file}: the file is empty")
+    try:
+        data = datasets.load_dataset(LOCAL_SUFFIXES[file.suffix], data_files=str(file), split="train")
+    except Exception as err:  # noqa: BLE001 — datasets raises many types (StopIteration, DatasetGenerationError …)
+        raise ValueError(f"{file}: cannot be read as {LOCAL_SUFFIXES[file.suffix]} ({type(err).__name__}: {err})") from err
+    if len(data) == 0:
+        raise ValueError(f"{file}: the file has no data rows")
+    return data
+
+
 def _load_external(cfg: DatasetConfig) -> datasets.Dataset:
     path = Path(cfg.name)
     if path.suffix in LOCAL_SUFFIXES:
-        return datasets.load_dataset(LOCAL_SUFFIXES[path.suffix], data_files=str(path), split="train")
+        return read_local_file(path)
     return datasets.load_dataset(cfg.name, split=cfg.split)
+
+
+def _check_values(raw: datasets.Dataset, columns: tuple[str, ...], name: str) -> None:
+    """Every row has a value (not null) in each of ``columns``; else a ValueError naming file, row and column."""
+    for column in columns:
+        empty = next((i for i, v in enumerate(raw[column]) if v is None), None)
+        if empty is not None:
+            raise ValueError(f"{name}: row {empty + 1}, column {column!r}: missing value")
 
 
 def _normalise_external(raw: datasets.Dataset, cfg: DatasetConfig, task: str) -> tuple[datasets.Dataset, tuple[str, ...]]:
     wanted = (cfg.text_column, cfg.label_column) if task == CLASSIFICATION else (cfg.prompt_column, cfg.response_column)
     missing = [c for c in wanted if c not in raw.column_names]
     if missing:
-        raise ValueError(f"dataset {cfg.name!r} lacks column(s) {missing}; it has {raw.column_names}")
+        raise ValueError(f"{cfg.name}: missing column(s) {missing}; it has {raw.column_names}")
     if len(raw) == 0:
-        raise ValueError(f"dataset {cfg.name!r} is empty")
+        raise ValueError(f"{cfg.name}: the dataset has no rows")
+    _check_values(raw, wanted, cfg.name)
     topic = raw[cfg.label_column] if task == CLASSIFICATION else [""] * len(raw)
     if task == INSTRUCTION:
         data = {"prompt": [str(x) for x in raw[cfg.prompt_column]], "response": [str(x) for x in raw[cfg.response_column]]}
@@ -140,15 +168,19 @@ def load_site_data(cfg: DatasetConfig, path: str, task: str, labels: tuple[str, 
         raise ValueError(f"data-path {path!r}: expected a {', '.join(LOCAL_SUFFIXES)} file")
     if not file.is_file():
         raise ValueError(f"data-path {path!r}: no such file")
-    raw = datasets.load_dataset(LOCAL_SUFFIXES[file.suffix], data_files=str(file), split="train")
+    raw = read_local_file(file)
     site_cfg = dataclasses.replace(cfg, name=str(file))
     if task == INSTRUCTION:
         return _normalise_external(raw, site_cfg, task)[0]
-    data, _ = _normalise_external(raw.cast_column(cfg.label_column, datasets.Value("string")), site_cfg, task)
+    if cfg.label_column in raw.column_names:  # site labels are names; a missing column is reported below
+        raw = raw.cast_column(cfg.label_column, datasets.Value("string"))
+    data, _ = _normalise_external(raw, site_cfg, task)
     index = {name: i for i, name in enumerate(labels)}
-    unknown = sorted({t for t in data["topic"] if t not in index})
+    unknown = [(i, t) for i, t in enumerate(data["topic"]) if t not in index]
     if unknown:
-        raise ValueError(f"data-path {path!r}: column {cfg.label_column!r} has labels {unknown[:5]} outside the run's label set {list(labels)}")
+        row, label = unknown[0]
+        raise ValueError(f"{file}: row {row + 1}, column {cfg.label_column!r}: label {label!r} is outside the run's label set "
+                         f"{list(labels)} ({len(unknown)} row(s) affected)")
     return data.map(lambda row: {"label": index[row["topic"]]})
 
 

@@ -14,13 +14,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
+
+from fedlora.atomic_write import write_atomic
 
 ACCOUNTANTS = ("rdp", "prv")
 RECORD_KEYS = ("dp-history.noise-multiplier", "dp-history.sample-rate", "dp-history.steps")
@@ -133,21 +134,11 @@ class AccountantHistory:
         return cls([AccountantEntry(float(s), float(q), int(k)) for s, q, k in zip(sigmas, rates, steps)])
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the history as JSON atomically: a temporary file in the same folder, then ``os.replace``."""
+        """Write the history as JSON atomically (:func:`fedlora.atomic_write.write_atomic`)."""
         target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
         payload = {"version": FILE_VERSION,
                    "entries": [[e.noise_multiplier, e.sample_rate, e.num_steps] for e in self.entries]}
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(payload, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(target, json.dumps(payload).encode())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> AccountantHistory:

@@ -31,11 +31,13 @@ def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 class RoundReporter:
     """Receives every round's metrics: prints one line, appends to metrics.jsonl."""
 
-    def __init__(self, run_dir: RunDirectory, cfg: RunConfig, task: str) -> None:
+    def __init__(self, run_dir: RunDirectory, cfg: RunConfig, task: str,
+                 previous: list[dict[str, Any]] | None = None) -> None:
+        """``previous``: the records already in metrics.jsonl when a run is resumed."""
         self.run_dir = run_dir
         self.cfg = cfg
         self.metric, self.higher_is_better = headline_metric(task)
-        self.records: list[dict[str, Any]] = []
+        self.records: list[dict[str, Any]] = list(previous or [])
         self.started = time.monotonic()
 
     def on_round(self, server_round: int, metrics: dict[str, Any]) -> None:

@@ -4,6 +4,8 @@
     <output-dir>/metrics.jsonl    one JSON object per round (round 0 = before training)
     <output-dir>/summary.json     final metrics, best round, totals, wall time
     <output-dir>/final_adapter/   loadable with peft.PeftModel.from_pretrained(base, path)
+    <output-dir>/checkpoint.safetensors   the server state after the last complete round
+                                  (see fedlora.server.checkpoint; ``resume-from`` continues from it)
 
 A relative ``output-dir`` resolves against the project directory: ``$FEDLORA_PROJECT_DIR``
 when set (``make run`` sets it), else the directory the ServerApp process runs in.
@@ -19,14 +21,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedlora.config import RunConfig
+from fedlora.atomic_write import write_atomic
+from fedlora.config import ConfigError, RunConfig
+from fedlora.server.checkpoint import CHECKPOINT_FILE, CheckpointError
 
 PROJECT_DIR_ENV = "FEDLORA_PROJECT_DIR"
 
 
 def resolve_output_dir(cfg: RunConfig, now: float | None = None) -> Path:
     """``output-dir`` or ``runs/<timestamp>-<strategy>``, absolute."""
-    raw = cfg.output_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}-{cfg.strategy}"
+    return resolve_path(cfg.output_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}-{cfg.strategy}")
+
+
+def resolve_path(raw: str) -> Path:
+    """A user-given run path, absolute: relative paths resolve against the project directory."""
     path = Path(raw).expanduser()
     if not path.is_absolute():
         path = Path(os.environ.get(PROJECT_DIR_ENV) or Path.cwd()) / path
@@ -52,6 +60,46 @@ class RunDirectory:
         if metrics.exists():
             metrics.unlink()
         return cls(path)
+
+    @classmethod
+    def resume(cls, cfg: RunConfig, last_round: int) -> "RunDirectory":
+        """Continue the run directory ``resume-from`` after ``last_round``.
+
+        Rewrites config.json with the resumed config and cuts metrics.jsonl back to rounds
+        0..``last_round`` (dropping rounds recorded after the checkpoint and any partial
+        line), so every round appears exactly once when the resumed run has finished.
+        """
+        path = resolve_path(cfg.resume_from)
+        if cfg.output_dir and resolve_path(cfg.output_dir) != path:
+            raise ConfigError(f"config keys 'output-dir' = {cfg.output_dir!r} and 'resume-from' = {cfg.resume_from!r} "
+                              "name different run directories; a resumed run continues in its own")
+        run_dir = cls(path)
+        kept = run_dir._metrics_through(last_round)
+        (path / "config.json").write_text(json.dumps(cfg.to_flat(), indent=2, sort_keys=True) + "\n")
+        write_atomic(path / "metrics.jsonl", "".join(line + "\n" for line in kept).encode("utf-8"))
+        return run_dir
+
+    def _metrics_through(self, last_round: int) -> list[str]:
+        """The lines of rounds 0..``last_round`` of metrics.jsonl; a gap or a missing file is an error."""
+        file = self.path / "metrics.jsonl"
+        lines = file.read_text(encoding="utf-8").splitlines() if file.is_file() else []
+        kept: list[str] = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            if record.get("round") != len(kept) or len(kept) > last_round:
+                break
+            kept.append(line)
+        if len(kept) != last_round + 1:
+            raise CheckpointError(f"{file} holds rounds 0..{len(kept) - 1} in order, but its checkpoint is at round "
+                              f"{last_round}; it cannot be resumed")
+        return kept
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / CHECKPOINT_FILE
 
     @property
     def final_adapter(self) -> Path:

@@ -9,7 +9,7 @@ All math runs in float64 on numpy arrays.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -35,35 +35,68 @@ def weighted_average(states: Sequence[Mapping[str, np.ndarray]], weights: np.nda
     return {key: weighted_sum([state[key] for state in states], weights).astype(np.float32) for key in keys}
 
 
+#: elements per block of :func:`weighted_sum`: its float64 temporaries stay in the CPU cache
+SUM_BLOCK = 1 << 16
+
+
 def weighted_sum(arrays: Sequence[np.ndarray], weights: np.ndarray) -> np.ndarray:
-    """Σ_k p_k X_k in float64 (same-shaped arrays)."""
-    acc = np.zeros(np.shape(arrays[0]), dtype=np.float64)
-    for p, x in zip(weights, arrays):
-        acc += p * np.asarray(x, dtype=np.float64)
-    return acc
+    """Σ_k p_k X_k in float64 (same-shaped arrays), summed in k order for every element.
+
+    Block by block over the flattened arrays, so the float64 products of a float32 input
+    never exist for a whole tensor at once: one pass over the inputs, one over the output.
+    """
+    out = np.zeros(np.shape(arrays[0]), dtype=np.float64)
+    flat_out = out.reshape(-1)
+    flats = [np.asarray(x).reshape(-1) for x in arrays]
+    for start in range(0, flat_out.size, SUM_BLOCK):
+        block = flat_out[start:start + SUM_BLOCK]
+        for p, x in zip(weights, flats):
+            block += float(p) * x[start:start + SUM_BLOCK]
+    return out
 
 
-def ideal_update(Bs: Sequence[np.ndarray], As: Sequence[np.ndarray], scales: Sequence[float], weights: np.ndarray) -> np.ndarray:
-    """ΔW* = Σ_k p_k s_k B_k A_k for one module (float64, d×k)."""
-    total = None
-    for B, A, s, p in zip(Bs, As, scales, weights):
-        term = (p * s) * (np.asarray(B, dtype=np.float64) @ np.asarray(A, dtype=np.float64))
-        total = term if total is None else total + term
-    return total
+#: a d×k matrix kept as its factors (U, V), the matrix being U @ V (U: d×m, V: m×k, m small)
+Factored = tuple[np.ndarray, np.ndarray]
 
 
-def relative_error(pairs: Iterable[tuple[Callable[[], np.ndarray], Callable[[], np.ndarray]]]) -> float:
-    """``sqrt(Σ‖applied − ideal‖²) / sqrt(Σ‖ideal‖²)`` over modules, one dense module at a time.
+def ideal_factors(Bs: Sequence[np.ndarray], As: Sequence[np.ndarray], scales: Sequence[float],
+                  weights: np.ndarray) -> Factored:
+    """ΔW* = Σ_k p_k s_k B_k A_k as factors: U = [B_1 … B_K] (d × Σr_k), V = [p_1 s_1 A_1; …; p_K s_K A_K] (float64).
 
-    ``pairs`` yields ``(applied, ideal)`` thunks, so only one module's d×k products are
-    ever materialised. Returns 0.0 when the ideal update is zero everywhere.
+    This is FLoRA's stacking; any mix of ranks r_k.
+    """
+    U = np.concatenate([np.asarray(B, dtype=np.float64) for B in Bs], axis=1)
+    V = np.concatenate([(p * s) * np.asarray(A, dtype=np.float64) for A, p, s in zip(As, weights, scales)], axis=0)
+    return U, V
+
+
+def difference(a: Factored, b: Factored) -> Factored:
+    """a − b as factors: [U_a, −U_b] · [V_a; V_b]."""
+    return np.concatenate([a[0], -b[0]], axis=1), np.concatenate([a[1], b[1]], axis=0)
+
+
+def frobenius(f: Factored) -> float:
+    """‖U V‖_F without the d×k product when the inner size m is below both d and k.
+
+    With U = Q_u R_u and Vᵀ = Q_v R_v (thin QR), U V = Q_u (R_u R_vᵀ) Q_vᵀ and the
+    orthonormal Q's keep the norm: ‖U V‖_F = ‖R_u R_vᵀ‖_F, an m×m product.
+    """
+    U, V = f
+    if U.shape[1] >= min(U.shape[0], V.shape[1]):
+        return float(np.linalg.norm(U @ V))
+    return float(np.linalg.norm(np.linalg.qr(U, mode="r") @ np.linalg.qr(V.T, mode="r").T))
+
+
+def relative_error(pairs: Iterable[tuple[Factored, Factored]]) -> float:
+    """``sqrt(Σ‖applied − ideal‖²) / sqrt(Σ‖ideal‖²)`` over modules, from ``(applied, ideal)`` factors.
+
+    No dense d×k matrix is formed (:func:`frobenius`); ``pairs`` may be a generator, so
+    only one module's factors exist at a time. Returns 0.0 when the ideal update is zero.
     """
     num, den = 0.0, 0.0
-    for applied_fn, ideal_fn in pairs:
-        ideal = ideal_fn()
-        diff = applied_fn() - ideal
-        num += float(np.sum(diff * diff))
-        den += float(np.sum(ideal * ideal))
+    for applied, ideal in pairs:
+        num += frobenius(difference(applied, ideal)) ** 2
+        den += frobenius(ideal) ** 2
     return float(np.sqrt(num / den)) if den > 0 else 0.0
 
 

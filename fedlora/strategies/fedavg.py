@@ -13,7 +13,7 @@ import numpy as np
 
 from fedlora.adapters.lora import LORA_A, LORA_B, lora_modules
 from fedlora.strategies.base import ClientUpdate, LoraStrategy
-from fedlora.strategies.common import AdapterState, ideal_update, relative_error, weighted_average
+from fedlora.strategies.common import AdapterState, ideal_factors, relative_error, weighted_average
 
 
 def fedavg_states(states: list[AdapterState], weights: np.ndarray) -> AdapterState:
@@ -22,16 +22,15 @@ def fedavg_states(states: list[AdapterState], weights: np.ndarray) -> AdapterSta
 
 
 def fedavg_error(states: list[AdapterState], weights: np.ndarray, scale: float) -> float:
-    """‖s·B̄Ā − Σ p_k s B_kA_k‖_F / ‖Σ p_k s B_kA_k‖_F over all LoRA modules."""
+    """‖s·B̄Ā − Σ p_k s B_kA_k‖_F / ‖Σ p_k s B_kA_k‖_F over all LoRA modules (B̄, Ā as stored, float32)."""
     avg = fedavg_states(states, weights)
 
     def pairs():
         for m in lora_modules(states[0]):
-            yield (
-                lambda m=m: scale * (avg[m + LORA_B].astype(np.float64) @ avg[m + LORA_A].astype(np.float64)),
-                lambda m=m: ideal_update([s[m + LORA_B] for s in states], [s[m + LORA_A] for s in states],
-                                         [scale] * len(states), weights),
-            )
+            applied = (scale * avg[m + LORA_B].astype(np.float64), avg[m + LORA_A].astype(np.float64))
+            ideal = ideal_factors([s[m + LORA_B] for s in states], [s[m + LORA_A] for s in states],
+                                  [scale] * len(states), weights)
+            yield applied, ideal
 
     return relative_error(pairs())
 

@@ -21,10 +21,11 @@ from fedlora.adapters.lora import LORA_A, LORA_B, load_adapter_state, lora_modul
 from fedlora.adapters.lorasb import to_peft_lora
 from fedlora.config import RunConfig
 from fedlora.strategies.base import ARRAYS, ClientUpdate, LoraStrategy
+from fedlora.strategies.validation import Shapes
 
 from fedlora.adapters.lorasb import LORASB_A, LORASB_B, LORASB_R, lorasb_modules
 from fedlora.strategies.common import (
-    AdapterState, average_uploads, check_same_keys, client_weights, ideal_update, relative_error, weighted_average, weighted_sum,
+    AdapterState, average_uploads, check_same_keys, client_weights, ideal_factors, relative_error, weighted_average, weighted_sum,
 )
 
 
@@ -71,11 +72,9 @@ def fedsb_error(states: Sequence[AdapterState], weights: np.ndarray, frozen: Ada
             B = np.asarray(frozen[m + LORASB_B], dtype=np.float64)
             A = np.asarray(frozen[m + LORASB_A], dtype=np.float64)
             Rs = [s[m + LORASB_R] for s in states]
-            yield (
-                lambda B=B, A=A, Rs=Rs: scale * (B @ weighted_sum(Rs, weights) @ A),
-                lambda B=B, A=A, Rs=Rs: ideal_update([B @ np.asarray(R, dtype=np.float64) for R in Rs], [A] * len(Rs),
-                                                     [scale] * len(Rs), weights),
-            )
+            applied = (scale * (B @ weighted_sum(Rs, weights)), A)
+            yield applied, ideal_factors([B @ np.asarray(R, dtype=np.float64) for R in Rs], [A] * len(Rs),
+                                         [scale] * len(Rs), weights)
 
     return relative_error(pairs())
 
@@ -96,9 +95,13 @@ class FedSB(LoraStrategy):
 
     name = "fedsb"
 
+    checkpointed = ("frozen",)  # the fixed B, A (``factors_sent`` is per run, not kept)
+
     def __init__(self, cfg: RunConfig, initial_state: AdapterState) -> None:
         super().__init__(cfg, {})
         self.targets = [m[len(PEFT_PREFIX):] for m in lora_modules(initial_state)]
+        self.dense_shapes = {m[len(PEFT_PREFIX):]: (initial_state[m + LORA_B].shape[0], initial_state[m + LORA_A].shape[1])
+                             for m in lora_modules(initial_state)}
         self.head = {k[len(PEFT_PREFIX):]: v for k, v in initial_state.items() if not k.endswith((LORA_A, LORA_B))}
         self.scale = cfg.lora.alpha / cfg.lora.rank
         self.frozen: AdapterState = {}
@@ -108,15 +111,25 @@ class FedSB(LoraStrategy):
         nodes = self._sample(grid, self.cfg.fraction_train)
         messages, bytes_down = self._messages(nodes, 0, MessageType.TRAIN,
                                               {"fedsb-init": 1, "fedsb-targets": ",".join(self.targets)})
-        updates, bytes_up, failures = self.collect(grid.send_and_receive(messages, timeout=self.cfg.round_timeout))
+        updates, bytes_up, failures = self.collect(self._send(grid, messages))
         if not updates:
             raise RuntimeError(f"Fed-SB initialisation received no gradient estimates ({'; '.join(failures) or 'no replies'})")
-        weights = client_weights([u.num_examples for u in updates], self.cfg.weighting)
-        mean = weighted_average([u.state for u in updates], weights, self.targets)
+        privacy = self.privacy_metrics(updates)
+        if self.cfg.dp.mode == "user":  # B, A are released to every client: the mean gradient is a DP release too
+            mean, user_dp = self.user_level_release([{m: u.state[m] for m in self.targets} for u in updates], 0)
+            privacy.update(user_dp)
+        else:
+            weights = client_weights([u.num_examples for u in updates], self.cfg.weighting)
+            mean = weighted_average([u.state for u in updates], weights, self.targets)
         step = -self.cfg.lr / self.scale
         self.frozen, initial_R = lorasb_init_states({m: step * g for m, g in mean.items()}, self.cfg.lora.rank)
         self.state = {**initial_R, **self.head}
-        return {"bytes_up": float(bytes_up), "bytes_down": float(bytes_down), "num_clients": float(len(updates))}
+        return {"bytes_up": float(bytes_up), "bytes_down": float(bytes_down), "num_clients": float(len(updates)),
+                **privacy}
+
+    def planned_releases(self) -> int:
+        """The training rounds plus the gradient round that fixes B and A."""
+        return self.cfg.num_server_rounds + 1
 
     def download(self, server_round: int, node_id: int) -> dict[str, AdapterState]:
         if not self.frozen:
@@ -128,6 +141,12 @@ class FedSB(LoraStrategy):
 
     def delivered(self, server_round: int, node_ids: list[int]) -> None:
         self.factors_sent.update(node_ids)
+
+    def expected_upload(self, update: ClientUpdate) -> Shapes:
+        """Before B, A exist: one dense d×k gradient per target module; afterwards R (r×r) and the head."""
+        if not self.frozen:
+            return dict(self.dense_shapes)
+        return super().expected_upload(update)
 
     def aggregate_updates(self, updates: list[ClientUpdate], weights: np.ndarray) -> tuple[AdapterState, dict[str, float]]:
         states = [u.state for u in updates]

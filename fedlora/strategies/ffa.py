@@ -8,6 +8,8 @@ LoRA bytes; the server never needs A to aggregate, only to measure the error.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from fedlora.adapters.transport import digest
@@ -16,7 +18,7 @@ from fedlora.strategies.base import ARRAYS, ClientUpdate, LoraStrategy
 
 from fedlora.adapters.lora import LORA_A, LORA_B
 from fedlora.strategies.common import (
-    AdapterState, average_uploads, check_same_keys, ideal_update, relative_error, weighted_sum,
+    AdapterState, average_uploads, check_same_keys, ideal_factors, relative_error, weighted_sum,
 )
 
 
@@ -44,10 +46,7 @@ def ffa_error(states: list[AdapterState], weights: np.ndarray, frozen_A: Adapter
         for m in modules:
             Bs = [s[m + LORA_B] for s in states]
             A = np.asarray(frozen_A[m + LORA_A], dtype=np.float64)
-            yield (
-                lambda Bs=Bs, A=A: scale * (weighted_sum(Bs, weights) @ A),
-                lambda Bs=Bs, A=A: ideal_update(Bs, [A] * len(Bs), [scale] * len(Bs), weights),
-            )
+            yield (scale * weighted_sum(Bs, weights), A), ideal_factors(Bs, [A] * len(Bs), [scale] * len(Bs), weights)
 
     return relative_error(pairs())
 
@@ -56,6 +55,7 @@ class FFALoRA(LoraStrategy):
     """FFA-LoRA: A stays the seeded initial A on every client (never sent); B (+ head) travels and is averaged."""
 
     name = "ffa"
+    checkpointed = ("frozen_A",)
 
     def __init__(self, cfg: RunConfig, initial_state: AdapterState) -> None:
         super().__init__(cfg, initial_state)
@@ -67,6 +67,13 @@ class FFALoRA(LoraStrategy):
 
     def client_config(self, server_round: int) -> dict[str, int | float | str]:
         return {"ffa-a-digest": self._a_digest}
+
+    def expected_upload(self, update: ClientUpdate) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v.shape) for k, v in trainable_part(self.state).items()}
+
+    def restore_state(self, arrays: AdapterState, values: dict[str, Any]) -> None:
+        super().restore_state(arrays, values)
+        self._a_digest = digest(self.frozen_A)
 
     def aggregate_updates(self, updates: list[ClientUpdate], weights: np.ndarray) -> tuple[AdapterState, dict[str, float]]:
         states = [u.state for u in updates]

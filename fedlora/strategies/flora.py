@@ -17,26 +17,20 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from peft import PeftModel
 
 from fedlora.adapters.lora import bring_base_to, inject_lora, load_adapter_state
-from fedlora.config import RunConfig
+from fedlora.config import RunConfig, parse_ranks
 from fedlora.models.loading import load_base_model
-from fedlora.strategies.base import ARRAYS, ClientUpdate, LoraStrategy
+from fedlora.strategies.base import ARRAYS, ClientUpdate, LoraStrategy, prefixed, unprefixed
+from fedlora.strategies.validation import InvalidUpdate, Shapes
 from fedlora.task import load_task
 
 from fedlora.adapters.lora import LORA_A, LORA_B, lora_modules
-from fedlora.strategies.common import AdapterState, aggregate_extras, check_same_keys, ideal_update, relative_error
-
-
-def stack_module(Bs: Sequence[np.ndarray], As: Sequence[np.ndarray], weights: np.ndarray,
-                 scales: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    """(B_stack, A_stack) in float64 with B_stack·A_stack = Σ_k p_k s_k B_k A_k (see module docstring)."""
-    B_stack = np.concatenate([np.asarray(B, dtype=np.float64) for B in Bs], axis=1)
-    A_stack = np.concatenate([(p * s) * np.asarray(A, dtype=np.float64) for A, p, s in zip(As, weights, scales)], axis=0)
-    return B_stack, A_stack
+from fedlora.strategies.common import AdapterState, aggregate_extras, check_same_keys, ideal_factors, relative_error
 
 
 def _module_factors(states: Sequence[AdapterState], module: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -48,7 +42,7 @@ def merged_deltas(states: Sequence[AdapterState], weights: np.ndarray,
     """Yield ``(module, ΔW)`` with ΔW = Σ_k p_k s_k B_k A_k (d×k, float32), one module at a time."""
     check_same_keys(states)
     for module in lora_modules(states[0]):
-        B_stack, A_stack = stack_module(*_module_factors(states, module), weights, scales)
+        B_stack, A_stack = ideal_factors(*_module_factors(states, module), scales, weights)
         yield module, (B_stack @ A_stack).astype(np.float32)
 
 
@@ -62,7 +56,7 @@ def stacked_state(states: Sequence[AdapterState], weights: np.ndarray, scales: S
     check_same_keys(states)
     out: AdapterState = {}
     for module in lora_modules(states[0]):
-        B_stack, A_stack = stack_module(*_module_factors(states, module), weights, scales)
+        B_stack, A_stack = ideal_factors(*_module_factors(states, module), scales, weights)
         out[module + LORA_B] = B_stack.astype(np.float32)
         out[module + LORA_A] = A_stack.astype(np.float32)
     return out
@@ -86,17 +80,15 @@ def concat_stacks(a: AdapterState, b: AdapterState) -> AdapterState:
     return out
 
 
-def flora_error(states: Sequence[AdapterState], weights: np.ndarray, scales: Sequence[float]) -> float:
-    """‖B_stack·A_stack − Σ_k p_k s_k B_k A_k‖_F / ‖Σ_k p_k s_k B_k A_k‖_F in float64 (zero up to rounding)."""
+def flora_error(stack: AdapterState, states: Sequence[AdapterState], weights: np.ndarray, scales: Sequence[float]) -> float:
+    """‖B_stack·A_stack − Σ_k p_k s_k B_k A_k‖_F / ‖Σ_k p_k s_k B_k A_k‖_F for the ``stack`` that is merged
+    (:func:`stacked_state`, float32), against the float64 ideal: zero up to float32 rounding."""
     check_same_keys(states)
 
     def pairs():
         for m in lora_modules(states[0]):
-            Bs, As = _module_factors(states, m)
-            yield (
-                lambda Bs=Bs, As=As: np.matmul(*stack_module(Bs, As, weights, scales)),
-                lambda Bs=Bs, As=As: ideal_update(Bs, As, scales, weights),
-            )
+            applied = (stack[m + LORA_B].astype(np.float64), stack[m + LORA_A].astype(np.float64))
+            yield applied, ideal_factors(*_module_factors(states, m), scales, weights)
 
     return relative_error(pairs())
 
@@ -111,11 +103,15 @@ class FLoRA(LoraStrategy):
 
     name = "flora"
 
+    checkpointed = ("total",)  # the running sum of all merges (the final adapter)
+
     def __init__(self, cfg: RunConfig, initial_state: AdapterState) -> None:
         super().__init__(cfg, {k: v for k, v in initial_state.items() if not k.endswith((LORA_A, LORA_B))})
         self.merges: dict[int, AdapterState] = {}
         self.total: AdapterState = {}
         self.node_version: dict[int, int] = {}
+        self.module_dims = {m: (initial_state[m + LORA_B].shape[0], initial_state[m + LORA_A].shape[1])
+                            for m in lora_modules(initial_state)}
 
     def download(self, server_round: int, node_id: int) -> dict[str, AdapterState]:
         missing = range(self.node_version.get(node_id, 0) + 1, server_round)
@@ -125,6 +121,34 @@ class FLoRA(LoraStrategy):
         for node in node_ids:
             self.node_version[node] = server_round - 1
 
+    def skip_round(self, server_round: int) -> None:
+        """A skipped round merges nothing: an empty merge keeps every node's base versions in step."""
+        self.merges[server_round] = {}
+
+    def expected_upload(self, update: ClientUpdate) -> Shapes:
+        """The extras plus, per module, A (r_k×k) and B (d×r_k) at the rank r_k the client announces."""
+        allowed = set(parse_ranks(self.cfg.lora.client_ranks)) or {self.cfg.lora.rank}
+        rank = update.metrics.get("rank")
+        if rank is None or not float(rank).is_integer() or int(rank) not in allowed:
+            raise InvalidUpdate(f"announced rank {rank!r} is not one of the configured ranks {sorted(allowed)}")
+        r = int(rank)
+        shapes = {k: tuple(v.shape) for k, v in self.state.items()}
+        for m, (d, k) in self.module_dims.items():
+            shapes[m + LORA_A] = (r, k)
+            shapes[m + LORA_B] = (d, r)
+        return shapes
+
+    def checkpoint_state(self) -> tuple[AdapterState, dict[str, Any]]:
+        """Adds every round's merge (``node_version`` is per run, not kept)."""
+        arrays, values = super().checkpoint_state()
+        for j, merge in self.merges.items():
+            arrays.update(prefixed(f"merge-{j}/", merge))
+        return arrays, {**values, "merges": {str(j): list(m) for j, m in self.merges.items()}}
+
+    def restore_state(self, arrays: AdapterState, values: dict[str, Any]) -> None:
+        super().restore_state(arrays, values)
+        self.merges = {int(j): unprefixed(f"merge-{j}/", arrays, keys) for j, keys in values["merges"].items()}
+
     def aggregate_updates(self, updates: list[ClientUpdate], weights: np.ndarray) -> tuple[AdapterState, dict[str, float]]:
         states = [u.state for u in updates]
         scales = [self.cfg.lora.alpha / u.metrics["rank"] for u in updates]
@@ -133,7 +157,7 @@ class FLoRA(LoraStrategy):
         self.total = concat_stacks(self.total, stack) if self.total else stack
         extras = aggregate_extras(states, weights, (LORA_A, LORA_B))
         rank = next(iter(v.shape[0] for k, v in stack.items() if k.endswith(LORA_A)))
-        return extras, {"agg_error": flora_error(states, weights, scales), "stacked_rank": float(rank)}
+        return extras, {"agg_error": flora_error(stack, states, weights, scales), "stacked_rank": float(rank)}
 
     def apply_to(self, model: PeftModel) -> None:
         bring_base_to(model, max(self.merges, default=0), self.merges.get)

@@ -18,31 +18,39 @@ import numpy as np
 from fedlora.strategies.base import ClientUpdate, LoraStrategy
 
 from fedlora.adapters.lora import LORA_A, LORA_B, lora_modules
-from fedlora.strategies.common import AdapterState, aggregate_extras, check_same_keys, ideal_update, weighted_sum
+from fedlora.strategies.common import (
+    AdapterState, Factored, aggregate_extras, check_same_keys, difference, frobenius, ideal_factors, weighted_sum,
+)
 
 
-def ridge_correction(residual: np.ndarray, A_bar: np.ndarray, lam: float) -> np.ndarray:
-    """ΔB* = R Āᵀ (ĀĀᵀ + λI)⁻¹ for a residual R (d×k) and Ā (r×k).
+def ridge_correction(residual: Factored, A_bar: np.ndarray, lam: float) -> np.ndarray:
+    """ΔB* = R Āᵀ (ĀĀᵀ + λI)⁻¹ for a residual R = U V (factors, d×k) and Ā (r×k).
 
     It minimises ‖R − ΔB Ā‖²_F + λ‖ΔB‖²_F (least squares, minimum norm, when λ = 0).
+    R Āᵀ = U (V Āᵀ) never forms the d×k residual.
     """
     if lam < 0:
         raise ValueError(f"lorafair.lambda must be >= 0, got {lam}")
+    U, V = residual
     gram = A_bar @ A_bar.T + lam * np.eye(A_bar.shape[0])
     # gram is symmetric, so ΔBᵀ = gram⁻¹ (R Āᵀ)ᵀ
-    return np.linalg.lstsq(gram, (residual @ A_bar.T).T, rcond=None)[0].T
+    return np.linalg.lstsq(gram, (U @ (V @ A_bar.T)).T, rcond=None)[0].T
 
 
 def _correct_module(Bs: Sequence[np.ndarray], As: Sequence[np.ndarray], weights: np.ndarray,
                     lam: float) -> tuple[np.ndarray, np.ndarray, float, float, float]:
-    """Ā, B̄ + ΔB*, ‖ΔW − B̄Ā‖_F, ‖ΔW − (B̄ + ΔB*)Ā‖_F and ‖ΔW‖_F for one module (float64)."""
+    """Ā, B̄ + ΔB*, ‖ΔW − B̄Ā‖_F, ‖ΔW − (B̄ + ΔB*)Ā‖_F and ‖ΔW‖_F for one module (float64).
+
+    ΔW, its residuals and their norms stay factored (rank ≤ (K+1)r; :func:`frobenius`),
+    so no d×k matrix is ever held.
+    """
     A_bar = weighted_sum(As, weights)
     B_bar = weighted_sum(Bs, weights)
-    delta_w = ideal_update(Bs, As, [1.0] * len(Bs), weights)
-    residual = delta_w - B_bar @ A_bar
+    delta_w = ideal_factors(Bs, As, [1.0] * len(Bs), weights)
+    residual = difference(delta_w, (B_bar, A_bar))
     B_new = B_bar + ridge_correction(residual, A_bar, lam)
-    after = float(np.linalg.norm(delta_w - B_new @ A_bar))
-    return A_bar, B_new, float(np.linalg.norm(residual)), after, float(np.linalg.norm(delta_w))
+    after = frobenius(difference(delta_w, (B_new, A_bar)))
+    return A_bar, B_new, frobenius(residual), after, frobenius(delta_w)
 
 
 def lorafair_module(Bs: Sequence[np.ndarray], As: Sequence[np.ndarray], weights: np.ndarray,

@@ -1,0 +1,62 @@
+"""Validate one client's reply against what its strategy expects, before any aggregation.
+
+Pure functions over numpy arrays; :meth:`fedlora.strategies.base.LoraStrategy.collect`
+calls them for every reply and leaves rejected replies out of the round. A reply is
+accepted only if
+
+* ``num-examples`` is an integer > 0;
+* it carries exactly the expected tensors (no missing, no unexpected names);
+* every tensor is float32 with the expected shape (the strategy states the shapes, e.g.
+  from the client's announced rank for FLoRA);
+* every value is finite (no NaN or ±Inf);
+* every tensor's root-mean-square ``sqrt(mean(x²))`` is at most ``validation.max-rms``.
+
+The RMS bound is per tensor and per element, so one threshold fits every model size:
+LoRA's A starts at RMS 1/√(3k) < 1, B and R near the initial values the server sent, and
+trained adapters stay far below 1 at usual learning rates; an RMS of 10 (the default)
+means every entry is ~10 on average — an exploded or malicious update, not training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+Shapes = dict[str, tuple[int, ...]]
+
+
+class InvalidUpdate(ValueError):
+    """A client reply that must not enter aggregation; the message is the reason."""
+
+
+def num_examples_of(metrics: Mapping[str, object]) -> int:
+    """The reply's ``num-examples`` as an integer > 0, else :class:`InvalidUpdate`."""
+    value = metrics.get("num-examples")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+        raise InvalidUpdate(f"num-examples = {value!r} is not an integer")
+    if value <= 0:
+        raise InvalidUpdate(f"num-examples = {int(value)} is not > 0")
+    return int(value)
+
+
+def validate_upload(state: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]], max_rms: float) -> None:
+    """Raise :class:`InvalidUpdate` naming the first problem of ``state`` (see the module docstring)."""
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise InvalidUpdate(f"missing tensor(s) {missing[:3]}")
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        raise InvalidUpdate(f"unexpected tensor(s) {unexpected[:3]}")
+    for key in sorted(expected):
+        array = state[key]
+        if array.dtype != np.float32:
+            raise InvalidUpdate(f"tensor {key!r} has dtype {array.dtype}, expected float32")
+        if tuple(array.shape) != tuple(expected[key]):
+            raise InvalidUpdate(f"tensor {key!r} has shape {tuple(array.shape)}, expected {tuple(expected[key])}")
+        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        if bad:
+            raise InvalidUpdate(f"tensor {key!r} has {bad} non-finite value(s) (NaN/Inf)")
+        rms = float(np.sqrt(np.mean(np.square(array, dtype=np.float64)))) if array.size else 0.0
+        if rms > max_rms:
+            raise InvalidUpdate(f"tensor {key!r} has root-mean-square {rms:.3g} > validation.max-rms = {max_rms:g}")
