@@ -28,5 +28,9 @@ run: $(STAMP)
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
 
+# Every benchmark suite (see benchmarks/README.md); not part of CI.
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m benchmarks all
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,4 +1,4 @@
-"""DP vs non-DP client step: time per step and peak memory, LoRA r=8, side by side.
+"""Client training throughput, DP vs non-DP: tokens/s, time per step and peak memory, LoRA r=8.
 
 Variants per model: plain training (``fedlora.client.loop.train_steps``) and Opacus DP-SGD
 (``fedlora.privacy.sample_dp.dp_train_steps``) in ``hooks`` and ``ghost`` mode, σ = 1,
@@ -10,9 +10,10 @@ call (so a DP step includes attaching and detaching the Opacus hooks, which a cl
 once per round: an upper bound on the overhead). Peak memory is the extra memory during
 warm-up and timed steps over the level right after loading the model:
 ``torch.cuda.max_memory_allocated`` on CUDA; resident set size sampled every 5 ms from
-``/proc/self/statm`` on CPU (Linux).
+``/proc/self/statm`` on CPU (Linux). Throughput is the batch's tokens (rows × tokens per
+row, padding included: every row has the full length) over the time per step.
 
-    python benchmarks/dp_overhead.py [--models minilm,smollm2] [--steps 3] [--warmup 1] [--device auto]
+    python -m benchmarks throughput [--models minilm,smollm2] [--variants none,hooks,ghost] [--steps 3] [--warmup 1] [--device auto]
 """
 
 from __future__ import annotations
@@ -23,18 +24,20 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+from benchmarks.common import RssPeak, machine_line, rss_bytes
 
 MODELS = {  # name: (task, batch size, tokens per row)
     "minilm": ("classification", 32, 64),
     "smollm2": ("instruction", 8, 128),
 }
 VARIANTS = ("none", "hooks", "ghost")
-PAGE = os.sysconf("SC_PAGE_SIZE")
+PROJECT_DIR = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
@@ -43,30 +46,6 @@ class Measurement:
     variant: str
     seconds_per_step: float
     peak_mib: float
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * PAGE
-
-
-class RssPeak:
-    """Highest resident set size seen by a sampling thread while the block runs."""
-
-    def __enter__(self) -> RssPeak:
-        self.peak, self._stop = rss_bytes(), threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, rss_bytes())
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_bytes())
 
 
 def make_rows(task: str, batch: int, length: int, vocab: int, generator: torch.Generator) -> list[dict]:
@@ -133,41 +112,45 @@ def measure(model_name: str, variant: str, steps: int, warmup: int, device_name:
 
 
 def in_subprocess(model_name: str, variant: str, args: argparse.Namespace) -> Measurement:
-    cmd = [sys.executable, __file__, "--one", model_name, variant, "--steps", str(args.steps),
+    cmd = [sys.executable, "-m", "benchmarks.dp_overhead", "--one", model_name, variant, "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--device", args.device]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT_DIR)
     if done.returncode != 0:
         raise RuntimeError(f"{model_name}/{variant} failed:\n{done.stderr[-3000:]}")
     return Measurement(**json.loads(done.stdout.strip().splitlines()[-1]))
 
 
 def table(results: list[Measurement]) -> str:
-    lines = ["| model | variant | s/step | × non-DP | peak extra MiB | × non-DP |", "|---|---|---|---|---|---|"]
+    lines = ["| model | variant | tokens/s | s/step | × non-DP | peak extra MiB | × non-DP |", "|---|---|---|---|---|---|---|"]
     base = {r.model: r for r in results if r.variant == "none"}
     for r in results:
         b = base[r.model]
         mem_ratio = f"{r.peak_mib / b.peak_mib:.2f}" if b.peak_mib > 0 else "n/a"
-        lines.append(f"| {r.model} | {'non-DP' if r.variant == 'none' else 'DP ' + r.variant} | {r.seconds_per_step:.3f} | "
+        _, batch, length = MODELS[r.model]
+        lines.append(f"| {r.model} | {'non-DP' if r.variant == 'none' else 'DP ' + r.variant} | "
+                     f"{batch * length / r.seconds_per_step:.0f} | {r.seconds_per_step:.3f} | "
                      f"{r.seconds_per_step / b.seconds_per_step:.2f} | {r.peak_mib:.0f} | {mem_ratio} |")
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="minilm,smollm2")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="among none (no DP, the baseline: required), hooks, ghost")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.one:
         m = measure(args.one[0], args.one[1], args.steps, args.warmup, args.device)
         print(json.dumps(m.__dict__))
         return
-    results = [in_subprocess(name, variant, args) for name in args.models.split(",") for variant in VARIANTS]
-    print(f"torch {torch.__version__}, device {args.device}, {os.cpu_count()} CPUs, median of "
-          f"{args.steps} timed steps after {args.warmup} warm-up, load average {os.getloadavg()[0]:.2f}")
+    print(f"start: {machine_line()}", flush=True)
+    results = [in_subprocess(name, variant, args) for name in args.models.split(",")
+               for variant in args.variants.split(",")]
+    print(f"end: {machine_line()}; device {args.device}, median of {args.steps} timed steps after {args.warmup} warm-up")
     print(table(results))
 
 
