@@ -35,24 +35,29 @@ def weighted_average(states: Sequence[Mapping[str, np.ndarray]], weights: np.nda
     return {key: weighted_sum([state[key] for state in states], weights).astype(np.float32) for key in keys}
 
 
-#: elements per block of :func:`weighted_sum`: its float64 temporaries stay in the CPU cache
-SUM_BLOCK = 1 << 16
+#: elements per block of :func:`weighted_sum`: its float64 block of all K clients stays in the CPU cache
+SUM_BLOCK = 1 << 14
 
 
 def weighted_sum(arrays: Sequence[np.ndarray], weights: np.ndarray) -> np.ndarray:
-    """Σ_k p_k X_k in float64 (same-shaped arrays), summed in k order for every element.
+    """Σ_k p_k X_k in float64 (same-shaped arrays).
 
-    Block by block over the flattened arrays, so the float64 products of a float32 input
-    never exist for a whole tensor at once: one pass over the inputs, one over the output.
+    Block by block over the flattened arrays: the K clients' values of a block are copied
+    into one float64 (K × block) buffer and contracted with p by a matrix-vector product, so
+    the inputs are read once and no whole-tensor float64 temporary is ever made.
     """
-    out = np.zeros(np.shape(arrays[0]), dtype=np.float64)
-    flat_out = out.reshape(-1)
+    weights = np.asarray(weights, dtype=np.float64)
     flats = [np.asarray(x).reshape(-1) for x in arrays]
-    for start in range(0, flat_out.size, SUM_BLOCK):
-        block = flat_out[start:start + SUM_BLOCK]
-        for p, x in zip(weights, flats):
-            block += float(p) * x[start:start + SUM_BLOCK]
-    return out
+    size = flats[0].size
+    out = np.empty(size, dtype=np.float64)
+    buffer = np.empty((len(flats), min(SUM_BLOCK, size)), dtype=np.float64)
+    for start in range(0, size, SUM_BLOCK):
+        stop = min(start + SUM_BLOCK, size)
+        block = buffer[:, : stop - start]
+        for row, x in zip(block, flats):
+            row[:] = x[start:stop]
+        np.dot(weights, block, out=out[start:stop])
+    return out.reshape(np.shape(arrays[0]))
 
 
 #: a d×k matrix kept as its factors (U, V), the matrix being U @ V (U: d×m, V: m×k, m small)
@@ -60,13 +65,15 @@ Factored = tuple[np.ndarray, np.ndarray]
 
 
 def ideal_factors(Bs: Sequence[np.ndarray], As: Sequence[np.ndarray], scales: Sequence[float],
-                  weights: np.ndarray) -> Factored:
-    """ΔW* = Σ_k p_k s_k B_k A_k as factors: U = [B_1 … B_K] (d × Σr_k), V = [p_1 s_1 A_1; …; p_K s_K A_K] (float64).
+                  weights: np.ndarray, dtype: type = np.float64) -> Factored:
+    """ΔW* = Σ_k p_k s_k B_k A_k as factors: U = [B_1 … B_K] (d × Σr_k), V = [p_1 s_1 A_1; …; p_K s_K A_K].
 
-    This is FLoRA's stacking; any mix of ranks r_k.
+    This is FLoRA's stacking; any mix of ranks r_k. Each p_k s_k A_k is formed in float64,
+    then both factors are stored as ``dtype`` (float32 for what travels: no float64 copy).
     """
-    U = np.concatenate([np.asarray(B, dtype=np.float64) for B in Bs], axis=1)
-    V = np.concatenate([(p * s) * np.asarray(A, dtype=np.float64) for A, p, s in zip(As, weights, scales)], axis=0)
+    U = np.concatenate([np.asarray(B, dtype=dtype) for B in Bs], axis=1)
+    V = np.concatenate([((p * s) * np.asarray(A, dtype=np.float64)).astype(dtype, copy=False)
+                        for A, p, s in zip(As, weights, scales)], axis=0)
     return U, V
 
 

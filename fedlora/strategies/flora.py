@@ -56,9 +56,8 @@ def stacked_state(states: Sequence[AdapterState], weights: np.ndarray, scales: S
     check_same_keys(states)
     out: AdapterState = {}
     for module in lora_modules(states[0]):
-        B_stack, A_stack = ideal_factors(*_module_factors(states, module), scales, weights)
-        out[module + LORA_B] = B_stack.astype(np.float32)
-        out[module + LORA_A] = A_stack.astype(np.float32)
+        out[module + LORA_B], out[module + LORA_A] = ideal_factors(*_module_factors(states, module), scales, weights,
+                                                                   dtype=np.float32)
     return out
 
 
