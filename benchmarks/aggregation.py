@@ -6,16 +6,17 @@ weights p_k. Each fedlora function runs next to its plain reference
 (:mod:`benchmarks.aggregation_naive`) or to "one pass" over its inputs (summing every input
 array once), on the same inputs. Peak memory is what ``tracemalloc`` saw allocated during the call
 (numpy reports its buffers to it) on top of the inputs, split into what the call returns
-(output) and what it freed again (temporaries); a generator's ΔW is dropped by the
-consumer before the next one is made. Dense-module units are the largest module's d×k.
+(output) and what it freed again (temporaries). Dense-module units are the largest module's d×k.
 The linear averages (FedAvg, FFA-LoRA, Fed-SB, FLoRA's stacking) are timed as the best of
-three untraced calls. The groups with a dense reference (FLoRA's merged ΔW, LoRA-FAIR)
-cost the same per layer and hold at most one layer's modules at a time, so they run once
-(traced; its overhead is negligible next to allocations of hundreds of MiB) on the first
-``--dense-layers`` layers of the same inputs. So do the ``agg_error`` diagnostics that
-every strategy's ``aggregate_updates`` computes each round (factored: no dense ΔW, see
-:func:`fedlora.strategies.common.frobenius`). The server math is numpy, so this suite runs
-on the CPU whether or not CUDA is present.
+three untraced calls. The groups with a dense reference cost the same per layer and hold at
+most one layer's modules at a time, so they run once on the first ``--dense-layers`` layers
+of the same inputs: LoRA-FAIR (traced; its overhead is negligible next to allocations of
+hundreds of MiB) and FLoRA's merge of the stacked update into the base weights — the
+server's :func:`fedlora.adapters.lora.merge_into_base`, torch on float32 weights — whose
+peak is sampled from the resident set size instead, since tracemalloc does not see torch.
+So do the ``agg_error`` diagnostics that every strategy's ``aggregate_updates`` computes
+each round (factored: no dense ΔW, see :func:`fedlora.strategies.common.frobenius`). The
+server's aggregation is numpy, so this suite runs on the CPU whether or not CUDA is present.
 
     python -m benchmarks aggregation [--layers 32] [--dense-layers 1] [--clients 10] [--rank 16]
 """
@@ -24,22 +25,26 @@ from __future__ import annotations
 
 import argparse
 import gc
+import threading
 import time
 import tracemalloc
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
+import psutil
+import torch
 
-from benchmarks.aggregation_naive import naive_average, naive_lorafair, naive_merged_deltas, one_pass
+from benchmarks.aggregation_naive import naive_average, naive_lorafair, naive_merge, one_pass
 from benchmarks.common import machine_line, markdown_table
-from fedlora.adapters.lora import LORA_A, LORA_B
+from fedlora.adapters.lora import LORA_A, LORA_B, merge_into_base
 from fedlora.adapters.lorasb import LORASB_A, LORASB_B, LORASB_R
 from fedlora.strategies.common import AdapterState
 from fedlora.strategies.fedavg import fedavg_error, fedavg_states
 from fedlora.strategies.fedsb import aggregate_fedsb, fedsb_error
 from fedlora.strategies.ffa import aggregate_ffa, ffa_error
-from fedlora.strategies.flora import flora_error, merged_deltas, stacked_state
+from fedlora.strategies.flora import flora_error, stacked_state
 from fedlora.strategies.lorafair import aggregate_lorafair
 
 MiB = 2**20
@@ -92,10 +97,50 @@ class Measurement:
     temporary_bytes: int
 
 
-def drain(deltas: Iterator[tuple[str, np.ndarray]]) -> None:
-    """Consume merged ΔWs one module at a time, as a merge into base weights would."""
-    for _, delta in deltas:
-        del delta
+class BaseWeights:
+    """The base weights FLoRA merges into, as :func:`fedlora.adapters.lora.merge_into_base` reaches them
+    (``get_submodule(module).base_layer.weight``): one float32 torch tensor per module, zeros."""
+
+    def __init__(self, modules: dict[str, tuple[int, int]]) -> None:
+        self.modules = {m: SimpleNamespace(base_layer=SimpleNamespace(weight=torch.zeros(d, k))) for m, (d, k) in modules.items()}
+
+    def get_submodule(self, module: str) -> SimpleNamespace:
+        return self.modules[module]
+
+
+def resident_peak(fn: Callable[[], object], interval: float = 0.001) -> tuple[float, int]:
+    """(seconds, peak resident bytes above the level at the start) of one call of ``fn``.
+
+    Sampled from a thread every ``interval`` seconds: it sees torch's CPU allocations, which
+    ``tracemalloc`` does not. Large buffers are mmap'd by the allocator, so they show in RSS
+    while they live and leave it when freed.
+    """
+    process = psutil.Process()
+    gc.collect()
+    start_rss = process.memory_info().rss
+    peak = start_rss
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, process.memory_info().rss)
+            time.sleep(interval)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    start = time.perf_counter()
+    fn()
+    seconds = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    return seconds, max(peak, process.memory_info().rss) - start_rss
+
+
+def measure_resident(name: str, fn: Callable[[], object], input_bytes: int) -> Measurement:
+    """One call; its peak resident memory above the start counts as temporaries (it returns nothing)."""
+    seconds, peak = resident_peak(fn)
+    return Measurement(name, seconds, input_bytes, 0, peak)
 
 
 def measure(name: str, fn: Callable[[], object], input_bytes: int, repeats: int = 3) -> Measurement:
@@ -149,6 +194,7 @@ def run(shapes: Shapes, dense_layers: int, clients: int, rank: int, lam: float,
     frozen_sb = {k.replace(suffix, sb): v for k, v in few[0].items()
                  for suffix, sb in ((LORA_A, LORASB_A), (LORA_B, LORASB_B)) if k.endswith(suffix)}
     few_stack = stacked_state(few, weights, scales)
+    base = BaseWeights({m: dk for m, dk in shapes.modules().items() if m + LORA_A in few[0]})
     full, b_in, r_in = nbytes(states), nbytes(b_only), nbytes(rs)
     few_in, few_b_in, few_r_in = nbytes(few), nbytes(few_b), nbytes(few_r)
     return [
@@ -163,9 +209,9 @@ def run(shapes: Shapes, dense_layers: int, clients: int, rank: int, lam: float,
                         measure("one pass", lambda: one_pass(rs), r_in)]),
         Group("flora stack", [measure("stacked_state", lambda: stacked_state(states, weights, scales), full),
                               measure("one pass", lambda: one_pass(states), full)]),
-        Group("flora merged ΔW", [
-            measure("merged_deltas", lambda: drain(merged_deltas(few, weights, scales)), few_in, 0),
-            measure("naive dense sum", lambda: drain(naive_merged_deltas(few, weights, scales)), few_in, 0)]),
+        Group("flora merge (RSS)", [
+            measure_resident("merge_into_base", lambda: merge_into_base(base, few_stack), nbytes([few_stack])),
+            measure_resident("naive dense sum", lambda: naive_merge(base, few, weights, scales), few_in)]),
         Group("lorafair", [measure("aggregate_lorafair", lambda: aggregate_lorafair(few, weights, lam), few_in, 0),
                            measure("naive dense", lambda: naive_lorafair(few, weights, lam), few_in, 0)]),
         Group("agg_error", [measure("fedavg_error", lambda: fedavg_error(few, weights, 2.0), few_in, 0),

@@ -2,18 +2,24 @@
 
 They are what a straightforward server would write: stack every client's tensor and average
 (FedAvg, FFA-LoRA, Fed-SB), or materialise every client's dense product B_k·A_k of a module
-before summing (FLoRA's merged ΔW, LoRA-FAIR). The aggregation suite times the fedlora
+before summing (FLoRA's merge into the base weights, LoRA-FAIR). The aggregation suite times the fedlora
 functions against these, on the same inputs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
+
+from collections.abc import Sequence
 
 import numpy as np
+import torch
 
 from fedlora.adapters.lora import LORA_A, LORA_B, lora_modules
 from fedlora.strategies.common import AdapterState
+
+if TYPE_CHECKING:
+    from benchmarks.aggregation import BaseWeights
 
 
 def one_pass(states: Sequence[AdapterState]) -> float:
@@ -30,11 +36,11 @@ def _dense_products(states: Sequence[AdapterState], module: str, coefficients: S
     return [c * (s[module + LORA_B] @ s[module + LORA_A]) for s, c in zip(states, coefficients)]
 
 
-def naive_merged_deltas(states: Sequence[AdapterState], weights: np.ndarray,
-                        scales: Sequence[float]) -> Iterator[tuple[str, np.ndarray]]:
-    """``(module, Σ_k p_k s_k B_k A_k)`` per module, holding every client's dense product at once."""
+def naive_merge(base: "BaseWeights", states: Sequence[AdapterState], weights: np.ndarray, scales: Sequence[float]) -> None:
+    """W0 += Σ_k p_k s_k B_k A_k per module, holding every client's dense product at once."""
     for module in lora_modules(states[0]):
-        yield module, np.sum(_dense_products(states, module, [p * s for p, s in zip(weights, scales)]), axis=0)
+        delta = np.sum(_dense_products(states, module, [p * s for p, s in zip(weights, scales)]), axis=0)
+        base.get_submodule(module).base_layer.weight += torch.from_numpy(delta)
 
 
 def naive_lorafair(states: Sequence[AdapterState], weights: np.ndarray, lam: float) -> AdapterState:

@@ -18,7 +18,7 @@ def test_entry_point_lists_suites_on_bad_name(capsys: pytest.CaptureFixture[str]
 def test_aggregation_tiny_shapes(capsys: pytest.CaptureFixture[str]) -> None:
     aggregation.main(["--layers", "2", "--hidden", "32", "--intermediate", "64", "--clients", "3", "--rank", "4"])
     out = capsys.readouterr().out
-    assert "merged_deltas" in out and "aggregate_lorafair" in out and "naive average" in out
+    assert "merge_into_base" in out and "aggregate_lorafair" in out and "naive average" in out
 
 
 def test_bytes_measured_minus_payload_is_framing_only(capsys: pytest.CaptureFixture[str]) -> None:

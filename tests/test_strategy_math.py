@@ -1,6 +1,5 @@
 """Aggregation math of every strategy against its equations, in float64 with random factors."""
 
-import inspect
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ from fedlora.strategies.common import (
 from fedlora.strategies.fedavg import fedavg_error, fedavg_states
 from fedlora.strategies.fedsb import aggregate_fedsb, fedsb_error, lorasb_init, lorasb_init_states
 from fedlora.strategies.ffa import aggregate_ffa, ffa_error, trainable_part
-from fedlora.strategies.flora import concat_stacks, flora_error, merged_deltas, stacked_state
+from fedlora.strategies.flora import concat_stacks, flora_error, stacked_state
 from fedlora.strategies.lorafair import aggregate_lorafair, lorafair_module
 
 D, K = 12, 10
@@ -132,18 +131,6 @@ def test_flora_stack_is_exact_for_mixed_ranks():
         ideal = sum(pk * sk * B @ A for pk, sk, B, A in zip(p, SCALES, Bs, As))
         np.testing.assert_allclose(B_stack @ A_stack, ideal, atol=1e-12)
     assert flora_error(stacked_state(states, p, SCALES), states, p, SCALES) < 1e-6  # float32 stack as merged
-
-
-def test_flora_merged_deltas_one_module_at_a_time():
-    states, p = _lora_states(RANKS), _weights(3)
-    deltas = merged_deltas(states, p, SCALES)
-    assert inspect.isgenerator(deltas)
-    seen = []
-    for module, delta in deltas:
-        seen.append(module)
-        assert delta.dtype == np.float32 and delta.shape == (D, K)
-        np.testing.assert_allclose(delta, ideal_update(*_factors(states, module), SCALES, p), rtol=1e-5, atol=1e-5)
-    assert seen == sorted(MODULES)
 
 
 def test_flora_stacked_state_folds_scale_and_averages_head_apart():

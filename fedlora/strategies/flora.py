@@ -15,7 +15,7 @@ Fully-trained tensors (a head) are averaged plainly.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +35,6 @@ from fedlora.strategies.common import AdapterState, aggregate_extras, check_same
 
 def _module_factors(states: Sequence[AdapterState], module: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
     return [s[module + LORA_B] for s in states], [s[module + LORA_A] for s in states]
-
-
-def merged_deltas(states: Sequence[AdapterState], weights: np.ndarray,
-                  scales: Sequence[float]) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield ``(module, ΔW)`` with ΔW = Σ_k p_k s_k B_k A_k (d×k, float32), one module at a time."""
-    check_same_keys(states)
-    for module in lora_modules(states[0]):
-        B_stack, A_stack = ideal_factors(*_module_factors(states, module), scales, weights)
-        yield module, (B_stack @ A_stack).astype(np.float32)
 
 
 def stacked_state(states: Sequence[AdapterState], weights: np.ndarray, scales: Sequence[float]) -> AdapterState:
