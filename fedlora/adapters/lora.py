@@ -107,13 +107,14 @@ def merge_into_base(model: PeftModel, update: AdapterState) -> None:
     """W0 ← W0 + B·A for every LoRA pair in ``update`` (scale already folded into the factors).
 
     Module prefixes are peft state names (``base_model.model.…query``), which are also the
-    module paths inside the PeftModel; the update is added to that module's frozen base weight.
+    module paths inside the PeftModel; the update is added to that module's frozen base weight
+    by one in-place matrix product in the weight's device and dtype.
     """
     with torch.no_grad():
         for module in lora_modules(update):
-            layer = model.get_submodule(module).base_layer
-            delta = torch.as_tensor(update[module + LORA_B]) @ torch.as_tensor(update[module + LORA_A])
-            layer.weight += delta.to(layer.weight.device, layer.weight.dtype)
+            weight = model.get_submodule(module).base_layer.weight
+            B, A = (torch.as_tensor(update[module + suffix]).to(weight.device, weight.dtype) for suffix in (LORA_B, LORA_A))
+            weight.addmm_(B, A)  # W0 += B·A accumulated in place: no dense d×k temporary
 
 
 def fresh_lora_state(model: PeftModel, seed: int | tuple[int, ...]) -> AdapterState:
