@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fedlora.adapters.lora import adapter_state, cached_lora_model, inject_lora
 from fedlora.config import DatasetConfig, LoraConfig, PartitionConfig, RunConfig
-from fedlora.data.partition import load_partition
+from fedlora.data.partition import check_partition_id, partition_indices
 from fedlora.data.sources import TaskData, load_site_data, load_task_data
 from fedlora.data.tokenize import encode_classification, encode_instruction
 from fedlora.models.loading import load_base_model, load_tokenizer
@@ -81,12 +81,21 @@ def partition_rows(cfg: RunConfig, partition_id: int, num_partitions: int) -> li
     return _partition_rows(cfg.dataset, cfg.seed, cfg.model.name, cfg.partition, partition_id, num_partitions)
 
 
+@lru_cache(maxsize=4)
+def _partition_table(dataset: DatasetConfig, seed: int, model_name: str, partition: PartitionConfig,
+                     num_partitions: int) -> tuple[tuple[int, ...], ...]:
+    """Row indices of every partition, computed once per process and partitioning (not once per client)."""
+    task = _load_task(dataset, seed, model_name)
+    return tuple(tuple(rows) for rows in partition_indices(task.data.train, partition, num_partitions, seed))
+
+
 @lru_cache(maxsize=16)
 def _partition_rows(dataset: DatasetConfig, seed: int, model_name: str, partition: PartitionConfig,
                     partition_id: int, num_partitions: int) -> list[dict]:
+    check_partition_id(partition_id, num_partitions)
     task = _load_task(dataset, seed, model_name)
-    part = load_partition(task.data.train, partition, partition_id, num_partitions, seed)
-    return task.encode(part, dataset.max_length)
+    rows = _partition_table(dataset, seed, model_name, partition, num_partitions)[partition_id]
+    return task.encode(task.data.train.select(rows), dataset.max_length)
 
 
 def site_rows(cfg: RunConfig, data_path: str) -> list[dict]:

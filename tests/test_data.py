@@ -78,3 +78,17 @@ def test_instruction_labels_cover_response_only():
         first = next(i for i, y in enumerate(row["labels"]) if y != IGNORE)
         assert all(y == IGNORE for y in row["labels"][:first])
         assert row["labels"][first:] == row["input_ids"][first:]
+
+
+def test_clients_share_one_partition_table_per_process():
+    """Many virtual clients in one process partition the train set once, not once each."""
+    import fedlora.task as task
+    from fedlora.config import parse_config
+
+    cfg = parse_config({"model.name": "tiny-bert", "partition.kind": "iid", "seed": 5})
+    task._partition_table.cache_clear()
+    rows = [task.partition_rows(cfg, i, 7) for i in range(7)]
+    assert task._partition_table.cache_info().misses == 1
+    assert sum(len(r) for r in rows) == len(task.load_task(cfg).data.train)
+    with pytest.raises(ValueError, match=r"partition-id must be in \[0, 7\), got 7"):
+        task.partition_rows(cfg, 7, 7)

@@ -55,8 +55,7 @@ def partition_indices(train: datasets.Dataset, cfg: PartitionConfig, num_partiti
     return [sorted(partitioner.load_partition(i)["_row"]) for i in range(num_partitions)]
 
 
-def load_partition(train: datasets.Dataset, cfg: PartitionConfig, partition_id: int, num_partitions: int, seed: int) -> datasets.Dataset:
-    """The rows of one client's partition."""
+def check_partition_id(partition_id: int, num_partitions: int) -> None:
+    """A partition id must name one of the ``num_partitions`` partitions."""
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id must be in [0, {num_partitions}), got {partition_id}")
-    return train.select(partition_indices(train, cfg, num_partitions, seed)[partition_id])
