@@ -69,11 +69,12 @@ def train(msg: Message, context: Context) -> Message:
     run = run_label(context, config)
     server_round = int(config["server-round"])
     identity = {"num-examples": len(rows), "partition-id": partition_id}
-    steps = cfg.fedsb.init_batches if int(config.get("fedsb-init", 0)) else cfg.local_steps
+    fedsb_init = bool(int(config.get("fedsb-init", 0)))  # Fed-SB's gradient round, before round 1
+    steps = cfg.fedsb.init_batches if fedsb_init else cfg.local_steps
     private = _privacy_plan(cfg, context, run, partition_id, len(rows), steps)
     if private and private[1].refuse_reason:
         return _reply(msg, ArrayRecord(), {**identity, "epsilon": private[1].epsilon_now}, {"refused": private[1].refuse_reason})
-    if int(config.get("fedsb-init", 0)):
+    if fedsb_init:
         targets = str(config["fedsb-targets"]).split(",")
         gradients = OnlyR.initial_gradients(cfg, rows, targets, partition_id, device, private[1] if private else None)
         extra = _account(cfg, context, run, partition_id, *private, steps) if private else {}

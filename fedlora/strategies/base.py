@@ -266,8 +266,7 @@ class LoraStrategy(Strategy):
         self.delivered(server_round, [u.node_id for u in updates])
         metrics = dict(self._round_metrics, bytes_up=float(bytes_up), num_clients=float(len(updates)),
                        **self.privacy_metrics(updates))
-        if len(updates) < self.cfg.min_clients:
-            log(INFO, "round %d: %d replies < min-clients=%d, global state unchanged", server_round, len(updates), self.cfg.min_clients)
+        if len(updates) < self.cfg.min_clients:  # run() records and logs the skip
             return None, MetricRecord(metrics)
         weights = client_weights([u.num_examples for u in updates], self.cfg.weighting)
         if self.cfg.dp.mode == "user":
@@ -334,7 +333,8 @@ class LoraStrategy(Strategy):
             init = {"bytes_up": 0.0, "bytes_down": 0.0, **self.initialize(grid)}
             on_round(0, {**init, **evaluate_fn()})
         aggregated = 0
-        for server_round in range(max(first_round, 1), self.cfg.num_server_rounds + 1):
+        first = max(first_round, 1)
+        for server_round in range(first, self.cfg.num_server_rounds + 1):
             started = time.monotonic()
             messages = list(self.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid))
             replies = self._send(grid, messages)
@@ -358,7 +358,6 @@ class LoraStrategy(Strategy):
             record.update(evaluate_fn())
             record["round_seconds"] = time.monotonic() - started
             on_round(server_round, record)
-        first = max(first_round, 1)
         if first <= self.cfg.num_server_rounds and not aggregated:
             log(WARNING, "rounds %d..%d aggregated no client update: the global adapter did not change in them",
                 first, self.cfg.num_server_rounds)
