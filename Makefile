@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 run: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m fedlora.launch --num-supernodes 4 $(RUN_ARGS)
+	HF_HUB_OFFLINE=1 $(PY) -m fedlora.runtime.launch --num-supernodes 4 $(RUN_ARGS)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest

@@ -40,12 +40,12 @@ from benchmarks.aggregation_naive import naive_average, naive_lorafair, naive_me
 from benchmarks.common import machine_line, markdown_table
 from fedlora.adapters.lora import LORA_A, LORA_B, merge_into_base
 from fedlora.adapters.lorasb import LORASB_A, LORASB_B, LORASB_R
-from fedlora.strategies.common import AdapterState
-from fedlora.strategies.fedavg import fedavg_error, fedavg_states
-from fedlora.strategies.fedsb import aggregate_fedsb, fedsb_error
-from fedlora.strategies.ffa import aggregate_ffa, ffa_error
-from fedlora.strategies.flora import flora_error, stacked_state
-from fedlora.strategies.lorafair import aggregate_lorafair
+from fedlora.adapters.state import AdapterState
+from fedlora.strategies.fedavg.math import fedavg_error, fedavg_states
+from fedlora.strategies.fedsb.math import aggregate_fedsb, fedsb_error
+from fedlora.strategies.ffa.math import aggregate_ffa, ffa_error
+from fedlora.strategies.flora.math import flora_error, stacked_state
+from fedlora.strategies.lorafair.math import aggregate_lorafair
 
 MiB = 2**20
 

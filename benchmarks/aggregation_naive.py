@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from fedlora.adapters.lora import LORA_A, LORA_B, lora_modules
-from fedlora.strategies.common import AdapterState
+from fedlora.adapters.state import AdapterState
 
 if TYPE_CHECKING:
     from benchmarks.aggregation import BaseWeights

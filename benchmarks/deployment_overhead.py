@@ -1,10 +1,10 @@
 """Deployment vs simulation: wall time per round of the same small job, run both ways on one machine.
 
-Deployment is the secure loopback federation of :mod:`fedlora.deploy_loopback` (SuperLink
+Deployment is the secure loopback federation of :mod:`fedlora.deployment.loopback` (SuperLink
 with TLS and SuperNode authentication, two SuperNodes each with its own SuperExec, all on
 127.0.0.1): every message starts a fresh ClientApp process and the SuperNodes poll every
 ~3 s. Simulation is ``flwr run`` on an isolated local SuperLink with two virtual nodes
-(:func:`fedlora.launch.run_simulation`), whose ClientApp process lives across rounds.
+(:func:`fedlora.runtime.launch.run_simulation`), whose ClientApp process lives across rounds.
 The two runs go one after the other, never overlapping. Per-round time is the ServerApp's
 own ``round_seconds`` (metrics.jsonl: send, local training, replies, aggregation and the
 held-out evaluation); round 1 also pays each runtime's cold start, so the comparison is
@@ -25,8 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedlora.deploy_loopback import LoopbackFederation
-from fedlora.launch import PROJECT_DIR, LaunchResult, run_simulation
+from fedlora.deployment.loopback import LoopbackFederation
+from fedlora.runtime.launch import PROJECT_DIR, LaunchResult, run_simulation
 
 
 def round_seconds(result: LaunchResult) -> list[float]:

@@ -3,9 +3,9 @@
 Three ways to do the same rounds of the same job (default: the embedded classification
 default, minilm on chatterbot-topics, FedAvg, 4 clients, 20 local steps of batch 16):
 
-* ``flwr run``: a real simulation on an isolated local SuperLink (:func:`fedlora.launch.run_simulation`);
+* ``flwr run``: a real simulation on an isolated local SuperLink (:func:`fedlora.runtime.launch.run_simulation`);
 * in-process: ServerApp and ClientApp in one process with real Flower Messages
-  (:func:`fedlora.inprocess.run_inprocess`);
+  (:func:`fedlora.runtime.inprocess.run_inprocess`);
 * pure compute: the same model, partitions and ``train_steps`` calls for every client, one
   after the other, then the server's held-out evaluation — no Messages, no records.
 
@@ -32,11 +32,11 @@ import torch
 from benchmarks.common import machine_line, markdown_table, read_metrics
 from fedlora.adapters.lora import load_adapter_state, set_trainable
 from fedlora.client.loop import make_optimizer, train_steps
-from fedlora.config import default_flat_config, parse_config
+from fedlora.run_config import full_defaults, load_config
 from fedlora.device import autocast_dtype, pick_device
 from fedlora.evaluation import evaluate_rows
-from fedlora.inprocess import run_inprocess
-from fedlora.launch import run_simulation
+from fedlora.runtime.inprocess import run_inprocess
+from fedlora.runtime.launch import run_simulation
 from fedlora.task import adapted_model, heldout_rows, load_task, partition_rows, server_model
 
 
@@ -64,7 +64,7 @@ def pure_compute(job: dict[str, Any], nodes: int) -> list[float]:
     them once per process as well); the global adapter stays the initial one, which costs
     the same compute as an updated one.
     """
-    cfg = parse_config({**default_flat_config(), **job})
+    cfg = load_config({**full_defaults(), **job})
     device = pick_device(cfg.device)
     amp = autocast_dtype(cfg.precision, device)
     task = load_task(cfg)

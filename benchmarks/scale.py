@@ -1,8 +1,8 @@
 """Simulation scale: 1,000 virtual clients, a few sampled per round; memory per round and where time goes.
 
-Uses the in-process runtime (:class:`fedlora.inprocess.InProcessGrid`: one ``Context`` per
+Uses the in-process runtime (:class:`fedlora.runtime.inprocess.InProcessGrid`: one ``Context`` per
 virtual node, real Flower Messages, ClientApp calls in this process), driven like
-:func:`fedlora.inprocess.run_inprocess` but with the ClientApp wrapped in a timer that also
+:func:`fedlora.runtime.inprocess.run_inprocess` but with the ClientApp wrapped in a timer that also
 reads the resident set size after every call, so each round reports its peak RSS and the
 share of its ``round_seconds`` spent inside client training. The memory of the node
 contexts themselves is measured with tracemalloc when the grid is built, and their state
@@ -33,9 +33,9 @@ from flwr.clientapp import ClientApp
 from flwr.supercore.task_identity import TaskIdentity
 
 from benchmarks.common import machine_line, markdown_table, read_metrics, rss_bytes
-from fedlora.config import default_flat_config
-from fedlora.inprocess import SERVER_NODE, InProcessGrid
-from fedlora.launch import run_simulation
+from fedlora.run_config import full_defaults
+from fedlora.runtime.inprocess import SERVER_NODE, InProcessGrid
+from fedlora.runtime.launch import run_simulation
 
 MiB = 2**20
 WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo", "lima")
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
         out = Path(tmp) / "inprocess"
         rss_before = rss_bytes()
         started = time.perf_counter()
-        timed, grid_bytes = run_in_process({**default_flat_config(), **job, "output-dir": str(out)}, args.nodes)
+        timed, grid_bytes = run_in_process({**full_defaults(), **job, "output-dir": str(out)}, args.nodes)
         total = time.perf_counter() - started
         print(f"job: {job}, {args.nodes} virtual nodes (in-process grid); whole run {total:.1f} s; "
               f"RSS before the run {rss_before / MiB:.0f} MiB")

@@ -4,7 +4,7 @@ A grid file (TOML) looks like::
 
     name = "minilm-small"
     num-clients = 4
-    strategies = ["fedavg", "ffa", "flora", "lorafair", "fedsb"]
+    strategies = "all"           # every registered strategy (the default), or a list of names
     partitions = ["iid", "dirichlet-0.1", "dirichlet-0.5", "natural"]
     privacy = ["none", "eps-8", "eps-3"]
     seeds = [0, 1, 2]
@@ -28,7 +28,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedlora.strategies.registry import names
+
 BASELINES = ("centralized", "local-only")
+ALL = "all"
+
+
+def strategy_names(raw: object) -> list[str]:
+    """The grid's strategies: ``"all"`` (every registered one) or a list of registered names."""
+    known = names()
+    if raw == ALL:
+        return known
+    if not isinstance(raw, list) or not raw:
+        raise ValueError(f"strategies = {raw!r}: expected {ALL!r} or a non-empty list of names")
+    unknown = [s for s in raw if s not in known]
+    if unknown:
+        raise ValueError(f"strategies {unknown} are not registered; registered: {known}")
+    return [str(s) for s in raw]
 
 
 def partition_overrides(name: str) -> dict[str, Any]:
@@ -128,7 +144,7 @@ def load_grid(path: Path) -> Grid:
     grid = Grid(
         name=str(raw.get("name", Path(path).stem)),
         num_clients=int(raw.get("num-clients", 4)),
-        strategies=list(raw.get("strategies", ["fedavg"])),
+        strategies=strategy_names(raw.get("strategies", ALL)),
         partitions=list(raw.get("partitions", ["iid"])),
         privacy=[str(p) for p in raw.get("privacy", ["none"])],
         seeds=seeds,

@@ -21,7 +21,7 @@ from typing import Any, TextIO
 
 from experiments.baselines import centralized_batch_size, run_baseline
 from experiments.grid import Cell, Grid
-from fedlora.config import default_flat_config, parse_config
+from fedlora.run_config import full_defaults, load_config
 
 LAUNCHERS = ("inprocess", "flwr")
 
@@ -63,7 +63,7 @@ def run_dir_of(out: Path, cell: Cell) -> Path:
 
 def expected_config(grid: Grid, cell: Cell, run_dir: Path) -> dict[str, Any]:
     """The flat config ``config.json`` must hold for this cell (baselines add their own keys)."""
-    flat = parse_config({**default_flat_config(), **grid.overrides(cell), "output-dir": str(run_dir)}).to_flat()
+    flat = load_config({**full_defaults(), **grid.overrides(cell), "output-dir": str(run_dir)}).to_flat()
     if cell.is_baseline:
         flat["baseline"] = cell.strategy
         flat["num-clients"] = grid.num_clients
@@ -84,16 +84,16 @@ def run_cell(grid: Grid, cell: Cell, run_dir: Path, config: dict[str, Any], laun
     """Run one cell to completion; raise when it did not produce a finished run directory."""
     overrides = {**grid.overrides(cell), "output-dir": str(run_dir)}
     if cell.is_baseline:
-        run_baseline(cell.strategy, parse_config({**default_flat_config(), **overrides}), grid.num_clients,
+        run_baseline(cell.strategy, load_config({**full_defaults(), **overrides}), grid.num_clients,
                      run_dir, config)
     elif launcher == "flwr":
-        from fedlora.launch import run_simulation
+        from fedlora.runtime.launch import run_simulation
 
         result = run_simulation(overrides, num_supernodes=grid.num_clients)
         if not result.ok:
             raise RuntimeError(f"flwr run ended with status {result.status!r}")
     else:
-        from fedlora.inprocess import run_inprocess
+        from fedlora.runtime.inprocess import run_inprocess
 
         run_inprocess(overrides, num_nodes=grid.num_clients)
     if not is_finished(run_dir, config):

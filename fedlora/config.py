@@ -6,6 +6,11 @@ nested TOML tables flattened to dotted keys (``lora.rank``). :func:`parse_config
 turns that dict into a frozen :class:`RunConfig`, rejecting unknown keys, wrong types
 and out-of-range values with an error that names the key, the bad value and what is
 allowed — before any model is loaded or any round starts.
+
+This module knows nothing of the registries: a strategy's own section (``lorafair.*``,
+``fedsb.*``) is a dataclass of :func:`knob` fields that the caller passes in
+(``sections=``); :func:`fedlora.run_config.load_config` passes every registered one and
+checks the names (strategy, model, dataset) against their registries.
 """
 
 from __future__ import annotations
@@ -89,6 +94,8 @@ class DatasetConfig:
     max_length: int = knob(64, positive, "tokens per example (longer ones are truncated)")
     eval_fraction: float = knob(0.2, open_fraction, "held-out share for server evaluation")
     eval_max_examples: int = knob(0, non_negative, "cap on held-out examples (0 = all)")
+    local_eval_fraction: float = knob(0.0, below_one, "share of each client's rows it holds out to evaluate on "
+                                      "(client evaluation, e.g. personalised models); 0 = evaluate on its training rows")
 
 
 @dataclass(frozen=True)
@@ -104,7 +111,7 @@ class LoraConfig:
     alpha: float = knob(16, positive, "LoRA alpha; the update is scaled by alpha / r")
     dropout: float = knob(0.0, below_one, "dropout on the LoRA input")
     targets: str = knob("auto", doc="comma-separated module names, or auto (attention query/value)")
-    client_ranks: str = knob("", client_rank_list, "per-client ranks for flora, e.g. '4,8,16' (client p gets entry p mod n); empty = lora.rank for all")
+    client_ranks: str = knob("", client_rank_list, "per-client ranks for strategies that allow mixed ranks, e.g. '4,8,16' (client p gets entry p mod n); empty = lora.rank for all")
 
     def rank_of(self, partition_id: int) -> int:
         """This client's LoRA rank r_k."""
@@ -115,15 +122,10 @@ class LoraConfig:
     def heterogeneous(self) -> bool:
         return len(set(parse_ranks(self.client_ranks))) > 1
 
-
-@dataclass(frozen=True)
-class LoraFairConfig:
-    lambda_: float = knob(1e-2, non_negative, "ridge weight λ of the LoRA-FAIR correction ΔB")
-
-
-@dataclass(frozen=True)
-class FedSBConfig:
-    init_batches: int = knob(2, positive, "batches per client for Fed-SB's initial gradient estimate")
+    @property
+    def allowed_ranks(self) -> set[int]:
+        """Every rank a client of this run may train at."""
+        return set(parse_ranks(self.client_ranks)) or {self.rank}
 
 
 @dataclass(frozen=True)
@@ -150,8 +152,24 @@ class ValidationConfig:
 
 
 @dataclass(frozen=True)
+class Sections:
+    """Strategy config sections by name (``"lorafair"`` -> its frozen options dataclass); hashable."""
+
+    items: tuple[tuple[str, Any], ...] = ()
+
+    def __getitem__(self, name: str) -> Any:
+        for key, value in self.items:
+            if key == name:
+                return value
+        raise KeyError(f"no config section {name!r}; sections: {[k for k, _ in self.items]}")
+
+    def __contains__(self, name: object) -> bool:
+        return any(key == name for key, _ in self.items)
+
+
+@dataclass(frozen=True)
 class RunConfig:
-    strategy: str = knob("fedavg", doc="aggregation strategy (see fedlora.strategies.STRATEGIES)")
+    strategy: str = knob("fedavg", doc="aggregation strategy (fedlora.strategies.registry)")
     num_server_rounds: int = knob(5, positive, "federated rounds")
     fraction_train: float = knob(1.0, unit_fraction, "share of connected clients sampled per round")
     fraction_evaluate: float = knob(0.0, fraction_or_zero, "share of clients that also evaluate the global adapter on their local data")
@@ -172,14 +190,17 @@ class RunConfig:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
-    lorafair: LoraFairConfig = field(default_factory=LoraFairConfig)
-    fedsb: FedSBConfig = field(default_factory=FedSBConfig)
     dp: DPConfig = field(default_factory=DPConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    sections: Sections = field(default_factory=Sections)
+
+    def section(self, name: str) -> Any:
+        """The options of strategy section ``name`` (e.g. ``cfg.section("lorafair").lambda_``)."""
+        return self.sections[name]
 
     def to_flat(self) -> dict[str, Any]:
-        """The config as Flower's flat dotted-key dict (what config.json stores)."""
+        """The config as Flower's flat dotted-key dict (what config.json stores), sections included."""
         return dict(_flatten(self))
 
 
@@ -193,16 +214,27 @@ def _flatten(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         key = prefix + _key(f.name)
-        if dataclasses.is_dataclass(value):
+        if isinstance(value, Sections):
+            for name, options in value.items:
+                items.extend(_flatten(options, name + "."))
+        elif dataclasses.is_dataclass(value):
             items.extend(_flatten(value, key + "."))
         else:
             items.append((key, value))
     return items
 
 
-def default_flat_config() -> dict[str, Any]:
-    """Every key with its default value."""
-    return RunConfig().to_flat()
+SectionTypes = Mapping[str, type]
+
+
+def default_sections(sections: SectionTypes) -> Sections:
+    """Every section at its defaults."""
+    return Sections(tuple((name, cls()) for name, cls in sorted(sections.items())))
+
+
+def default_flat_config(sections: SectionTypes | None = None) -> dict[str, Any]:
+    """Every key with its default value (core keys plus those of ``sections``)."""
+    return RunConfig(sections=default_sections(sections or {})).to_flat()
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:
@@ -232,6 +264,8 @@ def _build(cls: type, flat: Mapping[str, Any], prefix: str) -> Any:
     for f in dataclasses.fields(cls):
         key = prefix + _key(f.name)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if isinstance(default, Sections):
+            continue
         if dataclasses.is_dataclass(default):
             kwargs[f.name] = _build(type(default), flat, key + ".")
             continue
@@ -246,29 +280,22 @@ def _build(cls: type, flat: Mapping[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def parse_config(flat: Mapping[str, Any]) -> RunConfig:
+def parse_config(flat: Mapping[str, Any], sections: SectionTypes | None = None) -> RunConfig:
     """Validate Flower's flat run config and return the typed :class:`RunConfig`.
 
-    Missing keys take their defaults. Raises :class:`ConfigError` naming the key, the
-    value and what is allowed, for unknown keys, wrong types, out-of-range values and
-    names (strategy, model, dataset) that fedlora does not know.
+    ``sections`` maps a strategy section name to its options dataclass; keys under
+    ``<name>.`` are parsed into it. Missing keys take their defaults. Raises
+    :class:`ConfigError` naming the key, the value and what is allowed, for unknown keys,
+    wrong types and out-of-range values. Names (strategy, model, dataset) are checked by
+    :func:`fedlora.run_config.load_config`, which knows the registries.
     """
-    known = default_flat_config()
+    sections = dict(sections or {})
+    known = default_flat_config(sections)
     unknown = sorted(set(flat) - set(known))
     if unknown:
         raise ConfigError(
             f"unknown config key(s) {', '.join(map(repr, unknown))}; known keys: {', '.join(sorted(known))}"
         )
     cfg = _build(RunConfig, flat, "")
-    _check_names(cfg)
-    return cfg
-
-
-def _check_names(cfg: RunConfig) -> None:
-    from fedlora.data.sources import check_dataset_name
-    from fedlora.models.registry import check_model_name
-    from fedlora.strategies import check_strategy_config
-
-    check_strategy_config(cfg)
-    check_model_name(cfg.model.name)
-    check_dataset_name(cfg.dataset.name, cfg.dataset.task)
+    parsed = Sections(tuple((name, _build(cls, flat, name + ".")) for name, cls in sorted(sections.items())))
+    return dataclasses.replace(cfg, sections=parsed)

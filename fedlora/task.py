@@ -6,6 +6,8 @@ Everything here is cached per process, so a ClientApp process that handles many 
 
 from __future__ import annotations
 
+import math
+import random
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Mapping
@@ -114,8 +116,8 @@ def _site_rows(dataset: DatasetConfig, seed: int, model_name: str, data_path: st
     return task.encode(site, dataset.max_length)
 
 
-def client_rows(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[list[dict], int]:
-    """This node's training rows and its partition id (−1 for a site with its own data file).
+def _node_rows(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[list[dict], int]:
+    """All of this node's rows and its partition id (−1 for a site with its own data file).
 
     Node config either names ``data-path`` (a site's own file) or ``partition-id`` and
     ``num-partitions`` of the run's dataset (simulation sets these two itself).
@@ -128,6 +130,32 @@ def client_rows(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[list[di
         )
     partition_id = int(node_config["partition-id"])
     return partition_rows(cfg, partition_id, int(node_config["num-partitions"])), partition_id
+
+
+def local_split(rows: list[dict], fraction: float, seed: int, partition_id: int) -> tuple[list[dict], list[dict]]:
+    """(training rows, local evaluation rows): ``ceil(fraction · n)`` rows held out, chosen under (seed, partition).
+
+    ``fraction = 0`` holds nothing out (the evaluation rows are the training rows). At least
+    one row always stays for training.
+    """
+    if fraction == 0:
+        return rows, rows
+    held = min(len(rows) - 1, math.ceil(fraction * len(rows)))
+    order = random.Random(f"local-eval/{seed}/{partition_id}").sample(range(len(rows)), len(rows))
+    kept = set(order[held:])
+    return [r for i, r in enumerate(rows) if i in kept], [r for i, r in enumerate(rows) if i not in kept]
+
+
+def client_rows(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[list[dict], int]:
+    """This node's training rows and its partition id (without its ``dataset.local-eval-fraction`` share)."""
+    rows, partition_id = _node_rows(cfg, node_config)
+    return local_split(rows, cfg.dataset.local_eval_fraction, cfg.seed, partition_id)[0], partition_id
+
+
+def client_eval_rows(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[list[dict], int]:
+    """The rows this node evaluates on: its held-out ``dataset.local-eval-fraction`` share (else its training rows)."""
+    rows, partition_id = _node_rows(cfg, node_config)
+    return local_split(rows, cfg.dataset.local_eval_fraction, cfg.seed, partition_id)[1], partition_id
 
 
 def heldout_rows(cfg: RunConfig) -> list[dict]:

@@ -83,12 +83,38 @@ def test_instruction_labels_cover_response_only():
 def test_clients_share_one_partition_table_per_process():
     """Many virtual clients in one process partition the train set once, not once each."""
     import fedlora.task as task
-    from fedlora.config import parse_config
+    from fedlora.run_config import load_config
 
-    cfg = parse_config({"model.name": "tiny-bert", "partition.kind": "iid", "seed": 5})
+    cfg = load_config({"model.name": "tiny-bert", "partition.kind": "iid", "seed": 5})
     task._partition_table.cache_clear()
     rows = [task.partition_rows(cfg, i, 7) for i in range(7)]
     assert task._partition_table.cache_info().misses == 1
     assert sum(len(r) for r in rows) == len(task.load_task(cfg).data.train)
     with pytest.raises(ValueError, match=r"partition-id must be in \[0, 7\), got 7"):
         task.partition_rows(cfg, 7, 7)
+
+
+def test_local_split_holds_out_a_seeded_share_of_each_clients_rows():
+    from fedlora.task import local_split
+
+    rows = [{"input_ids": [i], "label": i % 3} for i in range(20)]
+    train, held = local_split(rows, 0.25, seed=7, partition_id=2)
+    assert len(held) == 5 and len(train) == 15
+    assert sorted(r["input_ids"][0] for r in train + held) == list(range(20))
+    assert local_split(rows, 0.25, seed=7, partition_id=2) == (train, held)
+    assert local_split(rows, 0.25, seed=7, partition_id=3)[1] != held
+    assert local_split(rows, 0.0, seed=7, partition_id=2) == (rows, rows)
+    assert len(local_split(rows[:1], 0.5, seed=7, partition_id=2)[0]) == 1, "one row always stays for training"
+
+
+def test_clients_evaluate_on_their_held_out_share(tmp_path):
+    import json
+
+    from fedlora.runtime.inprocess import run_inprocess
+
+    out = tmp_path / "run"
+    run_inprocess({"model.name": "tiny-bert", "num-server-rounds": 1, "local-steps": 1, "batch-size": 4,
+                   "dataset.max-length": 16, "fraction-evaluate": 1.0, "dataset.local-eval-fraction": 0.25,
+                   "output-dir": str(out)}, num_nodes=2)
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert 0 <= last["client_eval_accuracy"] <= 1 and last["client_eval_loss"] > 0

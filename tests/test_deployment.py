@@ -2,7 +2,7 @@
 
 One module fixture generates credentials with ``deploy/make_certs.sh``, starts a simulation of
 the same job in the background, and meanwhile brings up the loopback federation of
-:mod:`fedlora.deploy_loopback` (the command lines ``docker-compose.yml`` is rendered from):
+:mod:`fedlora.deployment.loopback` (the command lines ``docker-compose.yml`` is rendered from):
 two registered SuperNodes (partitions 0 and 1 of 2), one SuperNode with an unregistered
 key and one that tries ``--insecure`` against the TLS SuperLink. The deployed run is judged
 by ``flwr ls`` and its run directory, never by ``flwr run``'s exit code. A second
@@ -24,10 +24,10 @@ import pytest
 import yaml
 from safetensors.numpy import load_file
 
-from fedlora.deploy_commands import FLWR_VERSION, node_key_name
-from fedlora.deploy_compose import rendered_files
-from fedlora.deploy_loopback import LOOPBACK, LoopbackFederation
-from fedlora.launch import PROJECT_DIR, LaunchResult, run_simulation
+from fedlora.deployment.commands import FLWR_VERSION, node_key_name
+from fedlora.deployment.compose import rendered_files
+from fedlora.deployment.loopback import LOOPBACK, LoopbackFederation
+from fedlora.runtime.launch import PROJECT_DIR, LaunchResult, run_simulation
 
 MAKE_CERTS = PROJECT_DIR / "deploy" / "make_certs.sh"
 JOB = {"model.name": "tiny-bert", "num-server-rounds": 2, "local-steps": 3, "batch-size": 8, "dataset.max-length": 32}
@@ -131,7 +131,7 @@ def test_everything_listens_on_loopback_with_tls_and_node_auth(outcome):
 def test_compose_files_are_rendered_from_the_tested_commands():
     for name, text in rendered_files(2).items():
         on_disk = (PROJECT_DIR / name).read_text()
-        assert on_disk == text, f"{name} is stale: run `python -m fedlora.deploy_compose`"
+        assert on_disk == text, f"{name} is stale: run `python -m fedlora.deployment.compose`"
         assert yaml.safe_load(on_disk)["services"]
     services = yaml.safe_load(rendered_files(2)["docker-compose.yml"])["services"]
     assert set(services) == {"superlink", "superexec-serverapp", "supernode-1", "superexec-clientapp-1",

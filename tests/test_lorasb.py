@@ -13,7 +13,7 @@ from fedlora.adapters.lorasb import (
     LORASB_A, LORASB_B, LORASB_R, LoraSBLinear, gradient_estimate, inject_lorasb, load_lorasb_state,
     lorasb_factors, lorasb_frozen_state, lorasb_state, to_peft_lora,
 )
-from fedlora.strategies.fedsb import lorasb_init_states
+from fedlora.strategies.fedsb.math import lorasb_init_states
 
 TARGETS = ["query", "value"]
 RANK = 4

@@ -9,8 +9,13 @@ from flwr.app import Context, RecordDict
 from opacus.accountants import RDPAccountant
 
 from fedlora.client.privacy import load_history
-from fedlora.config import ConfigError, parse_config
-from fedlora.inprocess import run_inprocess
+from fedlora.config import ConfigError
+from fedlora.run_config import load_config
+from fedlora.runtime.inprocess import run_inprocess
+from fedlora.strategies.registry import names, strategies
+
+LINEAR = [n for n, s in strategies().items() if s.capabilities.linear]
+NOT_LINEAR = [n for n, s in strategies().items() if not s.capabilities.linear]
 
 TINY = {"model.name": "tiny-bert", "local-steps": 3, "batch-size": 8, "dataset.max-length": 32,
         "dataset.eval-max-examples": 32, "lora.rank": 4}
@@ -70,29 +75,32 @@ def test_calibrated_noise_meets_the_target(tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
-@pytest.mark.parametrize("strategy", ["ffa", "fedsb", "flora"])
-def test_sample_dp_works_with_other_strategies(tmp_path, strategy, mode):
+@pytest.mark.parametrize("strategy", names())
+def test_sample_dp_works_with_every_strategy(tmp_path, strategy, mode):
     records = run(tmp_path, strategy=strategy, **{"num-server-rounds": 1, "dp.mode": "sample",
                                                     "dp.noise-multiplier": 1.0, "dp.grad-sample-mode": mode})
     assert records[-1]["num_clients"] == 2 and records[-1]["epsilon_max"] > 0
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "ffa", "fedsb"])
+@pytest.mark.parametrize("strategy", LINEAR)
 def test_user_level_dp_runs_for_linear_averages(tmp_path, strategy):
+    """The wrapped strategy's own metrics still appear (agg_error, bytes) beside the cumulative user-level ε."""
     records = run(tmp_path, strategy=strategy, **{"num-server-rounds": 2, "dp.mode": "user", "dp.noise-multiplier": 1.0})
     eps = [r["epsilon"] for r in records[1:]]
     assert eps[0] < eps[1]
+    assert all("agg_error" in r and r["bytes_up"] > 0 and r["noise-multiplier"] == 1.0 for r in records[1:])
 
 
-@pytest.mark.parametrize("strategy", ["flora", "lorafair"])
+@pytest.mark.parametrize("strategy", NOT_LINEAR)
 def test_user_level_dp_refused_for_non_linear_strategies(strategy):
-    with pytest.raises(ConfigError, match="'dp.mode'.*'strategy'.*not bound"):
-        parse_config({"strategy": strategy, "dp.mode": "user", "dp.noise-multiplier": 1.0})
+    with pytest.raises(ConfigError, match="'dp.mode'.*'strategy'.*not bound") as err:
+        load_config({"strategy": strategy, "dp.mode": "user", "dp.noise-multiplier": 1.0})
+    assert strategies()[strategy].capabilities.not_linear in str(err.value)
 
 
 def test_dp_without_noise_or_budget_is_refused():
     with pytest.raises(ConfigError, match="dp.noise-multiplier"):
-        parse_config({"dp.mode": "sample"})
+        load_config({"dp.mode": "sample"})
 
 
 def _standalone_epsilon(entries):
@@ -120,21 +128,21 @@ class _Crash(RuntimeError):
 
 def test_epsilon_continues_after_a_server_resume(tmp_path, monkeypatch):
     """The resumed run is a new Flower run; the nodes still count every release since the start."""
-    import fedlora.server.app as server_app
+    import fedlora.server.rounds as server_rounds
 
     out = tmp_path / "crashed"
     config = {**TINY, "output-dir": str(out), "num-server-rounds": 2, "dp.mode": "sample", "dp.noise-multiplier": 1.1}
-    real_write = server_app.write_checkpoint
+    real_write = server_rounds.write_checkpoint
 
     def crash_after_round_1(path, checkpoint):
         real_write(path, checkpoint)
         if checkpoint.server_round == 1:
             raise _Crash("server killed after round 1")
 
-    monkeypatch.setattr(server_app, "write_checkpoint", crash_after_round_1)
+    monkeypatch.setattr(server_rounds, "write_checkpoint", crash_after_round_1)
     with pytest.raises(_Crash):
         run_inprocess(config, num_nodes=2)
-    monkeypatch.setattr(server_app, "write_checkpoint", real_write)
+    monkeypatch.setattr(server_rounds, "write_checkpoint", real_write)
     run_inprocess({**config, "resume-from": str(out)}, num_nodes=2)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     uninterrupted = run(tmp_path, **{"num-server-rounds": 2, "dp.mode": "sample", "dp.noise-multiplier": 1.1})

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from opacus.accountants import RDPAccountant
 
-from fedlora.privacy.user_dp import check_user_dp_strategy, clip_update, noisy_average, update_norm, user_level_epsilon
+from fedlora.privacy.user_dp import clip_update, noisy_average, update_norm, user_level_epsilon
 
 
 def update(seed: int, scale: float) -> dict[str, np.ndarray]:
@@ -45,17 +45,6 @@ def test_mismatched_updates_are_refused():
         noisy_average([update(0, 1.0), {"other": np.zeros(3, np.float32)}], 1.0, 1.0, np.random.default_rng(0))
 
 
-@pytest.mark.parametrize("strategy, why", [("flora", "per-client products"), ("lorafair", "non-linear correction")])
-def test_user_dp_refuses_strategies_without_one_linear_average(strategy, why):
-    with pytest.raises(ValueError, match=why):
-        check_user_dp_strategy(strategy)
-
-
-@pytest.mark.parametrize("strategy", ["fedavg", "ffa", "fedsb"])
-def test_user_dp_accepts_linear_average_strategies(strategy):
-    check_user_dp_strategy(strategy)
-
-
 def test_user_level_epsilon_matches_rdp_accountant():
     history = [(1.0, 10 / 100, 5), (1.2, 10 / 100, 10)]
     acc = RDPAccountant()
@@ -64,3 +53,45 @@ def test_user_level_epsilon_matches_rdp_accountant():
             acc.step(noise_multiplier=z, sample_rate=q)
     assert user_level_epsilon(history, 1e-5) == pytest.approx(acc.get_epsilon(delta=1e-5), rel=1e-9)
     assert user_level_epsilon(history[:1], 1e-5) < user_level_epsilon(history, 1e-5)
+
+
+# ----- the wrapper around a linear strategy -------------------------------------------------
+def _wrapped(strategy: str, sigma: float):
+    from fedlora.privacy.user_level import UserLevelDP
+    from fedlora.run_config import load_config
+    from fedlora.strategies.registry import spec_of
+
+    cfg = load_config({"strategy": strategy, "dp.mode": "user", "dp.noise-multiplier": sigma or 1e-9,
+                       "dp.max-grad-norm": 1.0, "model.name": "tiny-bert"})
+    global_state = {"a.lora_A.weight": np.full((4, 6), 0.1, np.float32), "a.lora_B.weight": np.zeros((5, 4), np.float32)}
+    inner = spec_of(strategy).server_class()(cfg, global_state)
+    return UserLevelDP(inner, cfg, setup_round=False), global_state
+
+
+def _round(states):
+    from fedlora.server.round import ClientUpdate, Round
+
+    updates = [ClientUpdate(node_id=i + 1, partition_id=i, state=s, num_examples=10 * (i + 1)) for i, s in enumerate(states)]
+    return Round(number=1, sampled=[u.node_id for u in updates], population=4, bytes_down=0, sent_at=0.0, updates=updates)
+
+
+def test_wrapper_releases_global_plus_mean_clipped_delta_and_keeps_the_inner_metrics():
+    """With noise ~0: new = global + (1/m) Σ clip(Δ_k, C), unweighted, whatever num-examples says."""
+    dp, g = _wrapped("fedavg", 0.0)
+    deltas = [update(0, 3.0), update(1, 0.01), update(2, 0.5)]
+    done = _round([{k: (g[k] + d[k]).astype(np.float32) for k in g} for d in deltas])
+    state, metrics = dp.aggregate(done, np.array([0.7, 0.2, 0.1]))
+    for key in g:
+        want = g[key] + np.mean([clip_update({k: d[k] for k in g}, 1.0)[key] for d in deltas], axis=0)
+        np.testing.assert_allclose(state[key], want, rtol=1e-5, atol=1e-6)
+    assert metrics["agg_error"] > 0 and metrics["epsilon"] > 0
+    assert dp.history == [(pytest.approx(1e-9), 3 / 4, 1)]
+
+
+def test_wrapper_noises_only_what_was_uploaded():
+    """FFA-LoRA uploads B only: the frozen A stays exact, B gets N(0, (σC/m)²) around the clipped mean."""
+    dp, g = _wrapped("ffa", 2.0)
+    uploads = [{"a.lora_B.weight": np.zeros((5, 4), np.float32)} for _ in range(2)]
+    state, _ = dp.aggregate(_round(uploads), np.array([0.5, 0.5]))
+    np.testing.assert_array_equal(state["a.lora_A.weight"], g["a.lora_A.weight"])
+    assert 0 < state["a.lora_B.weight"].std() < 3 * 2.0 * 1.0 / 2

@@ -16,16 +16,18 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-import fedlora.server.app as server_app
+import fedlora.server.rounds as server_rounds
 from fedlora.adapters.transport import from_record
 from fedlora.client.faults import CORRUPT, CORRUPTIONS, DROPOUT, STRAGGLER, Fault, draw_fault
 from fedlora.config import ConfigError, FaultsConfig
-from fedlora.inprocess import run_inprocess
+from fedlora.runtime.inprocess import run_inprocess
+from flwr.app import MessageType
 from fedlora.server.checkpoint import Checkpoint, CheckpointError, read_checkpoint, write_checkpoint
-from fedlora.strategies.base import METRICS, LoraStrategy
-from fedlora.strategies.validation import InvalidUpdate, num_examples_of, validate_upload
+from fedlora.protocol import METRICS
+from fedlora.server.rounds import RoundLoop
+from fedlora.strategies.registry import names
+from fedlora.server.validation import InvalidUpdate, num_examples_of, validate_upload
 
-STRATEGIES = ["fedavg", "ffa", "flora", "lorafair", "fedsb"]
 QUICK = {"model.name": "tiny-bert", "local-steps": 1, "batch-size": 4, "dataset.max-length": 16,
          "dataset.eval-max-examples": 8, "lora.rank": 2}
 #: 3 nodes, 2 sampled a round; under seed 31 every fault kind occurs, a failed partition
@@ -41,18 +43,24 @@ def records(out) -> list[dict]:
 
 
 def spy_rounds(monkeypatch) -> dict[int, dict]:
-    """Wrap ``aggregate_train``: per round, the replies it got and the global state before and after."""
+    """Wrap the round loop: per training round, the replies it got and the global state before and after."""
     seen: dict[int, dict] = {}
-    original = LoraStrategy.aggregate_train
+    original_send, original_round = RoundLoop.send, RoundLoop.train_round
 
-    def spy(self, server_round, replies):
-        replies = list(replies)
-        before = dict(self.state)
-        result = original(self, server_round, replies)
-        seen[server_round] = {"replies": replies, "before": before, "after": dict(self.state)}
-        return result
+    def send(self, grid, number, nodes, message_type, extra_config=None):
+        sent, replies = original_send(self, grid, number, nodes, message_type, extra_config)
+        if message_type == MessageType.TRAIN and number >= 1:
+            seen.setdefault(number, {})["replies"] = replies
+        return sent, replies
 
-    monkeypatch.setattr(LoraStrategy, "aggregate_train", spy)
+    def train_round(self, grid, number):
+        before = dict(self.strategy.state)
+        record = original_round(self, grid, number)
+        seen.setdefault(number, {}).update(before=before, after=dict(self.strategy.state))
+        return record
+
+    monkeypatch.setattr(RoundLoop, "send", send)
+    monkeypatch.setattr(RoundLoop, "train_round", train_round)
     return seen
 
 
@@ -169,7 +177,7 @@ def test_dropout_and_corruption_aggregate_exactly_the_valid_replies(tmp_path, mo
     assert all(np.isfinite(v).all() for v in final.values())
 
 
-@pytest.fixture(scope="module", params=STRATEGIES)
+@pytest.fixture(scope="module", params=names())
 def faulty_run(request, tmp_path_factory):
     """An uninterrupted run of FAULTY per strategy, with every round's replies and states recorded."""
     monkeypatch = pytest.MonkeyPatch()
@@ -218,7 +226,7 @@ def test_kill_and_resume_equals_the_uninterrupted_run(faulty_run, monkeypatch):
     """Crash after round 2 is recorded but before its checkpoint (plus half a metrics line), then resume."""
     strategy, uninterrupted, _ = faulty_run
     out = uninterrupted.parent / "resumed"
-    real_write = server_app.write_checkpoint
+    real_write = server_rounds.write_checkpoint
 
     def crash_at_round_2(path, checkpoint):
         if checkpoint.server_round == 2:
@@ -228,10 +236,10 @@ def test_kill_and_resume_equals_the_uninterrupted_run(faulty_run, monkeypatch):
         real_write(path, checkpoint)
 
     config = {**FAULTY, "strategy": strategy, "output-dir": str(out)}
-    monkeypatch.setattr(server_app, "write_checkpoint", crash_at_round_2)
+    monkeypatch.setattr(server_rounds, "write_checkpoint", crash_at_round_2)
     with pytest.raises(SimulatedCrash):
         run_inprocess(config, num_nodes=FAULTY_NODES)
-    monkeypatch.setattr(server_app, "write_checkpoint", real_write)
+    monkeypatch.setattr(server_rounds, "write_checkpoint", real_write)
     assert read_checkpoint(out / "checkpoint.safetensors").server_round == 1
     assert not (out / "final_adapter").exists()
 

@@ -9,7 +9,7 @@ from safetensors.numpy import load_file
 
 from fedlora.config import DatasetConfig
 from fedlora.data.sources import load_task_data
-from fedlora.launch import run_simulation
+from fedlora.runtime.launch import run_simulation
 from fedlora.models.loading import load_base_model
 
 CONTRACT = {"round", "strategy", "train_loss", "eval_loss", "eval_accuracy", "bytes_up", "bytes_down"}

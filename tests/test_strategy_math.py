@@ -12,11 +12,11 @@ from fedlora.adapters.lorasb import LORASB_A, LORASB_B, LORASB_R
 from fedlora.strategies.common import (
     aggregate_extras, client_weights, difference, frobenius, ideal_factors, relative_error, weighted_sum,
 )
-from fedlora.strategies.fedavg import fedavg_error, fedavg_states
-from fedlora.strategies.fedsb import aggregate_fedsb, fedsb_error, lorasb_init, lorasb_init_states
-from fedlora.strategies.ffa import aggregate_ffa, ffa_error, trainable_part
-from fedlora.strategies.flora import concat_stacks, flora_error, stacked_state
-from fedlora.strategies.lorafair import aggregate_lorafair, lorafair_module
+from fedlora.strategies.fedavg.math import fedavg_error, fedavg_states
+from fedlora.strategies.fedsb.math import aggregate_fedsb, fedsb_error, lorasb_init, lorasb_init_states
+from fedlora.strategies.ffa.math import aggregate_ffa, ffa_error, trainable_part
+from fedlora.strategies.flora.math import concat_stacks, flora_error, stacked_state
+from fedlora.strategies.lorafair.math import aggregate_lorafair, lorafair_module
 
 D, K = 12, 10
 MODULES = ["base_model.model.enc.0.query", "base_model.model.enc.0.value"]

@@ -17,11 +17,13 @@ import peft
 import torch
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
+from fedlora.adapters.state import AdapterState
 from fedlora.config import LoraConfig
 from fedlora.models.loading import load_base_model
 
-AdapterState = dict[str, np.ndarray]
 LORA_A = ".lora_A.weight"
+#: prefix of every state name of a PeftModel around a plain model (LoRA-SB state names carry none)
+PEFT_PREFIX = "base_model.model."
 LORA_B = ".lora_B.weight"
 
 
@@ -59,12 +61,14 @@ def cached_lora_model(model_name: str, task: str, num_labels: int, cfg: LoraConf
     return model
 
 
-def set_trainable(model: PeftModel, train_a: bool = True) -> list[torch.nn.Parameter]:
-    """Make the adapter trainable (LoRA A only if ``train_a``); returns the trainable parameters."""
+def set_trainable(model: PeftModel, train_a: bool = True, train_b: bool = True) -> list[torch.nn.Parameter]:
+    """Make the adapter trainable (LoRA A only if ``train_a``, B only if ``train_b``, the head always);
+    returns the trainable parameters."""
     params = []
     for name, param in model.named_parameters():
         is_adapter = "lora_" in name or "modules_to_save" in name
-        param.requires_grad_(is_adapter and (train_a or "lora_A" not in name))
+        frozen = ("lora_A" in name and not train_a) or ("lora_B" in name and not train_b)
+        param.requires_grad_(is_adapter and not frozen)
         if param.requires_grad:
             params.append(param)
     return params

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from fedlora.adapters.lora import LORA_A, LORA_B
+from fedlora.adapters.state import AdapterState
 
-AdapterState = dict[str, np.ndarray]
 Factors = tuple[np.ndarray, np.ndarray, np.ndarray]
 LORASB_A = ".lorasb_A.weight"
 LORASB_B = ".lorasb_B.weight"

@@ -7,7 +7,7 @@ import hashlib
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
-from fedlora.adapters.lora import AdapterState
+from fedlora.adapters.state import AdapterState
 
 
 def to_record(state: AdapterState) -> ArrayRecord:

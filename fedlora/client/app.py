@@ -2,9 +2,10 @@
 
 Each handler parses the run config, takes this node's training rows from its node config
 (``partition-id`` + ``num-partitions`` of the run's dataset, or a site's own ``data-path``),
-lets the strategy's client role (:mod:`fedlora.client.roles`) load the global state into
-the process's cached model, and replies with an ArrayRecord and a MetricRecord carrying
-``num-examples``.
+lets the strategy's registered client part (a :class:`~fedlora.client.role.ClientRole`)
+load the global state into the process's cached model, and replies with an ArrayRecord
+and a MetricRecord carrying ``num-examples``. Nothing here imports server code: the wire
+names come from :mod:`fedlora.protocol`, the client part from the registry.
 """
 
 from __future__ import annotations
@@ -15,19 +16,29 @@ from flwr.clientapp import ClientApp
 
 from fedlora.adapters.transport import to_record
 from fedlora.client.faults import draw_fault
-from fedlora.client.node_store import run_label
 from fedlora.client.loop import make_optimizer, train_steps
+from fedlora.client.node_store import run_label
 from fedlora.client.privacy import RoundPlan, load_history, plan_round, save_history
-from fedlora.client.roles import OnlyR, client_role
-from fedlora.config import RunConfig, parse_config
+from fedlora.client.role import ClientRole
+from fedlora.config import RunConfig
 from fedlora.device import autocast_dtype, pick_device
 from fedlora.evaluation import evaluate_rows
 from fedlora.privacy.accounting import AccountantEntry, AccountantHistory
 from fedlora.privacy.sample_dp import dp_train_steps
-from fedlora.strategies.base import ARRAYS, CONFIG, METRICS, STATUS
-from fedlora.task import client_rows, load_task
+from fedlora.protocol import (
+    ARRAYS, CONFIG, EPSILON, METRICS, NOISE_MULTIPLIER, NUM_EXAMPLES, PARTITION_ID, PHASE, REFUSED, SERVER_ROUND, SETUP,
+    STATUS, TRAIN_LOSS,
+)
+from fedlora.run_config import load_config
+from fedlora.strategies.registry import spec_of
+from fedlora.task import client_eval_rows, client_rows, load_task
 
 app = ClientApp()
+
+
+def client_role(strategy: str) -> ClientRole:
+    """The registered client part of ``strategy``."""
+    return spec_of(strategy).client_role()
 
 
 def _reply(msg: Message, arrays: ArrayRecord, metrics: dict, status: dict | None = None) -> Message:
@@ -37,13 +48,13 @@ def _reply(msg: Message, arrays: ArrayRecord, metrics: dict, status: dict | None
     return Message(RecordDict(records), reply_to=msg)
 
 
-def _privacy_plan(cfg: RunConfig, context: Context, run: str, partition_id: int, num_rows: int,
-                  steps: int) -> tuple[AccountantHistory, RoundPlan] | None:
+def _privacy_plan(cfg: RunConfig, context: Context, run: str, partition_id: int, num_rows: int, steps: int,
+                  role: ClientRole) -> tuple[AccountantHistory, RoundPlan] | None:
     """Under sample-level DP: the node's history and the plan for a release of ``steps`` DP steps."""
     if cfg.dp.mode != "sample":
         return None
     history = load_history(context, partition_id, run)
-    return history, plan_round(cfg, history, num_rows, steps)
+    return history, plan_round(cfg, history, num_rows, steps, role.setup_steps(cfg))
 
 
 def _account(cfg: RunConfig, context: Context, run: str, partition_id: int, history: AccountantHistory,
@@ -51,37 +62,37 @@ def _account(cfg: RunConfig, context: Context, run: str, partition_id: int, hist
     """Record a release in the node's history (on disk first); the reply metrics that report it."""
     history.add(AccountantEntry(plan.noise_multiplier, plan.sample_rate, steps))
     save_history(context, partition_id, run, history)
-    return {"epsilon": history.epsilon(cfg.dp.delta, cfg.dp.accountant), "noise-multiplier": plan.noise_multiplier}
+    return {EPSILON: history.epsilon(cfg.dp.delta, cfg.dp.accountant), NOISE_MULTIPLIER: plan.noise_multiplier}
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received global state for ``local-steps`` steps on this node's data.
 
-    Under ``dp.mode = "sample"`` every release — each round's update and Fed-SB's initial
-    gradient estimate — is a DP mechanism accounted in the node's history; a node whose
-    budget would be exceeded replies with a refusal instead.
+    A message of the setup phase (``phase = "setup"``) asks for the strategy's setup upload
+    instead (Fed-SB's gradient estimate). Under ``dp.mode = "sample"`` every release — each
+    round's update and a setup upload — is a DP mechanism accounted in the node's history; a
+    node whose budget would be exceeded replies with a refusal instead.
     """
-    cfg = parse_config(context.run_config)
+    cfg = load_config(context.run_config)
     device = pick_device(cfg.device)
     rows, partition_id = client_rows(cfg, context.node_config)
     config = msg.content[CONFIG]
     run = run_label(context, config)
-    server_round = int(config["server-round"])
-    identity = {"num-examples": len(rows), "partition-id": partition_id}
-    fedsb_init = bool(int(config.get("fedsb-init", 0)))  # Fed-SB's gradient round, before round 1
-    steps = cfg.fedsb.init_batches if fedsb_init else cfg.local_steps
-    private = _privacy_plan(cfg, context, run, partition_id, len(rows), steps)
+    server_round = int(config[SERVER_ROUND])
+    identity = {NUM_EXAMPLES: len(rows), PARTITION_ID: partition_id}
+    role = client_role(cfg.strategy)
+    setup = config.get(PHASE) == SETUP
+    steps = role.setup_steps(cfg) if setup else cfg.local_steps
+    private = _privacy_plan(cfg, context, run, partition_id, len(rows), steps, role)
     if private and private[1].refuse_reason:
-        return _reply(msg, ArrayRecord(), {**identity, "epsilon": private[1].epsilon_now}, {"refused": private[1].refuse_reason})
-    if fedsb_init:
-        targets = str(config["fedsb-targets"]).split(",")
-        gradients = OnlyR.initial_gradients(cfg, rows, targets, partition_id, device, private[1] if private else None)
+        return _reply(msg, ArrayRecord(), {**identity, EPSILON: private[1].epsilon_now}, {REFUSED: private[1].refuse_reason})
+    if setup:
+        upload = role.setup(cfg, rows, dict(config), partition_id, device, private[1] if private else None)
         extra = _account(cfg, context, run, partition_id, *private, steps) if private else {}
-        return _reply(msg, to_record(gradients), {**identity, **extra})
+        return _reply(msg, to_record(upload), {**identity, **extra})
     fault = draw_fault(cfg.faults, cfg.seed, server_round, partition_id)
     fault.check_alive(server_round, partition_id)
-    role = client_role(cfg.strategy)
     model, params = role.prepare(cfg, msg.content, context, partition_id, server_round, device)
     task = load_task(cfg)
     client_seed = cfg.seed * 1_000_003 + server_round * 1_009 + partition_id
@@ -99,21 +110,22 @@ def train(msg: Message, context: Context) -> Message:
                                 generator, device, amp)
         extra = _account(cfg, context, run, partition_id, history, plan, result.steps)
         loss = result.mean_loss
-    metrics = {**identity, "train_loss": loss, **role.reply_metrics(cfg, partition_id), **extra,
+    metrics = {**identity, TRAIN_LOSS: loss, **role.reply_metrics(cfg, partition_id), **extra,
                **fault.reply_metrics(cfg.round_timeout)}
-    return _reply(msg, to_record(fault.apply(role.upload(model))), metrics)
+    return _reply(msg, to_record(fault.apply(role.upload(model, server_round))), metrics)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the received global state on this node's local data."""
-    cfg = parse_config(context.run_config)
+    """Evaluate the received global state (as the strategy's client part prepares it: a personalised
+    model for FedSA-LoRA) on this node's local evaluation rows (``dataset.local-eval-fraction``)."""
+    cfg = load_config(context.run_config)
     device = pick_device(cfg.device)
-    rows, partition_id = client_rows(cfg, context.node_config)
-    server_round = int(msg.content[CONFIG]["server-round"])
+    rows, partition_id = client_eval_rows(cfg, context.node_config)
+    server_round = int(msg.content[CONFIG][SERVER_ROUND])
     model, _ = client_role(cfg.strategy).prepare(cfg, msg.content, context, partition_id, server_round, device)
     task = load_task(cfg)
     result = evaluate_rows(model, rows, task.kind, task.pad_id, 2 * cfg.batch_size, device,
                            autocast_dtype(cfg.precision, device))
-    metrics = MetricRecord({"num-examples": len(rows), "partition-id": partition_id, **result})
+    metrics = MetricRecord({NUM_EXAMPLES: len(rows), PARTITION_ID: partition_id, **result})
     return Message(RecordDict({METRICS: metrics, ARRAYS: ArrayRecord()}), reply_to=msg)

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedlora.config import FaultsConfig
-from fedlora.strategies.base import SIMULATED_DELAY
-from fedlora.strategies.common import AdapterState
+from fedlora.protocol import SIMULATED_DELAY
+from fedlora.adapters.state import AdapterState
 
 DROPOUT = "dropout"
 STRAGGLER = "straggler"

@@ -19,7 +19,7 @@ from safetensors.numpy import load_file, save
 
 from fedlora.adapters.transport import from_record, to_record
 from fedlora.atomic_write import write_atomic
-from fedlora.strategies.common import AdapterState
+from fedlora.adapters.state import AdapterState
 
 STATE_DIR_ENV = "FEDLORA_STATE_DIR"
 

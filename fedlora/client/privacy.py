@@ -6,8 +6,8 @@ named after the run and the node, and is mirrored in ``context.state``. The file
 source of truth: a restarted SuperNode or ClientApp process picks up the ε already spent.
 
 Noise: ``dp.noise-multiplier`` when > 0, else σ calibrated so that the planned steps of the
-whole run — rounds × expected participation (``fraction-train``) × local steps, plus
-Fed-SB's initial gradient estimate (:mod:`fedlora.privacy.dp_gradient`), at sampling rate
+whole run — rounds × expected participation (``fraction-train``) × local steps, plus the
+steps of the strategy's setup phase (Fed-SB's gradient estimate, :mod:`fedlora.privacy.dp_gradient`), at sampling rate
 q = batch-size / n — meet ``dp.target-epsilon``. Budget: when a target is set, a node
 whose next round would take its cumulative ε past it refuses to train.
 """
@@ -58,20 +58,22 @@ class RoundPlan:
     refuse_reason: str = ""
 
 
-def planned_client_steps(cfg: RunConfig) -> int:
-    """DP steps a client is expected to take over the run: its training steps, plus
-    ``fedsb.init-batches`` for Fed-SB's private gradient estimate before round 1."""
-    steps = planned_steps(cfg.num_server_rounds, cfg.fraction_train, cfg.local_steps)
-    return steps + (cfg.fedsb.init_batches if cfg.strategy == "fedsb" else 0)
+def planned_client_steps(cfg: RunConfig, setup_steps: int) -> int:
+    """DP steps a client is expected to take over the run: its training steps, plus the
+    ``setup_steps`` of its strategy's setup phase (Fed-SB's private gradient estimate)."""
+    return planned_steps(cfg.num_server_rounds, cfg.fraction_train, cfg.local_steps) + setup_steps
 
 
-def plan_round(cfg: RunConfig, history: AccountantHistory, num_rows: int, steps: int) -> RoundPlan:
-    """σ and q for a release of ``steps`` DP steps, the ε before and after it, and a refusal reason when over budget."""
+def plan_round(cfg: RunConfig, history: AccountantHistory, num_rows: int, steps: int, setup_steps: int) -> RoundPlan:
+    """σ and q for a release of ``steps`` DP steps, the ε before and after it, and a refusal reason when over budget.
+
+    ``setup_steps`` are the DP steps of the strategy's setup phase (they count in the calibration).
+    """
     dp = cfg.dp
     q = sample_rate_of(cfg.batch_size, num_rows)
     sigma = dp.noise_multiplier
     if sigma <= 0:
-        sigma = calibrate_noise(dp.target_epsilon, dp.delta, q, planned_client_steps(cfg), dp.accountant)
+        sigma = calibrate_noise(dp.target_epsilon, dp.delta, q, planned_client_steps(cfg, setup_steps), dp.accountant)
     now = history.epsilon(dp.delta, dp.accountant)
     after = epsilon_after(history, AccountantEntry(sigma, q, steps), dp.delta, dp.accountant)
     reason = ""

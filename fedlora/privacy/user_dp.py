@@ -11,9 +11,9 @@ release is a Gaussian mechanism with noise multiplier σ. The average is *unweig
 num-examples weights would let one client's weight, and so the sensitivity, grow. The
 accountant composes rounds as a subsampled Gaussian with rate q = m/N (the Opacus
 analyses assume Poisson sampling; fixed-size sampling at q = m/N is the usual
-approximation). This is only valid when the server releases one linear average, which
-is why FLoRA (stacked per-client factors) and LoRA-FAIR (a non-linear correction) are
-refused.
+approximation). This is only valid when the server releases one linear average: a
+strategy's ``Capabilities.linear`` says whether it does, and
+:class:`fedlora.privacy.user_level.UserLevelDP` applies this release around it.
 """
 
 from __future__ import annotations
@@ -23,26 +23,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fedlora.adapters.lora import AdapterState
+from fedlora.adapters.state import AdapterState
 from fedlora.privacy.accounting import history_of
-
-USER_DP_STRATEGIES = ("fedavg", "ffa", "fedsb")
-REFUSED = {
-    "flora": "FLoRA releases every client's stacked LoRA factors (per-client products B_k·A_k), not one average",
-    "lorafair": "LoRA-FAIR releases a non-linear correction ΔB computed from the client factors, not one linear average",
-}
-
-
-def check_user_dp_strategy(strategy: str) -> None:
-    """Raise ValueError unless server-side Gaussian noise on one linear average protects ``strategy``."""
-    if strategy in REFUSED:
-        raise ValueError(
-            f"dp.mode='user' cannot be combined with strategy={strategy!r}: {REFUSED[strategy]}, so the noise "
-            f"on an average does not bound any single client's influence; use one of {', '.join(USER_DP_STRATEGIES)}"
-        )
-    if strategy not in USER_DP_STRATEGIES:
-        raise ValueError(f"dp.mode='user' supports strategies {', '.join(USER_DP_STRATEGIES)}; got {strategy!r}")
-
 
 def update_norm(delta: AdapterState) -> float:
     """Joint L2 norm of all tensors of one client update, in float64."""

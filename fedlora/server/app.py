@@ -13,16 +13,29 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora.adapters.lora import adapter_state
-from fedlora.config import RunConfig, parse_config
+from fedlora.adapters.state import AdapterState
+from fedlora.config import RunConfig
 from fedlora.device import autocast_dtype, pick_device
 from fedlora.evaluation import evaluate_rows
-from fedlora.server.checkpoint import CHECKPOINT_FILE, Checkpoint, check_resumable, read_checkpoint, write_checkpoint
+from fedlora.privacy.user_level import UserLevelDP
+from fedlora.run_config import check_strategy, load_config
+from fedlora.server.checkpoint import CHECKPOINT_FILE, Checkpoint, check_resumable, read_checkpoint
 from fedlora.server.report import RoundReporter
+from fedlora.server.rounds import RoundLoop
 from fedlora.server.rundir import RunDirectory, resolve_path
-from fedlora.strategies import build_strategy
+from fedlora.server.strategy import ServerStrategy
 from fedlora.task import heldout_rows, load_task, server_model
 
 app = ServerApp()
+
+
+def build_strategy(cfg: RunConfig, initial_state: AdapterState) -> ServerStrategy:
+    """The registered server part of ``cfg.strategy``, wrapped in user-level DP when ``dp.mode = "user"``."""
+    spec = check_strategy(cfg)
+    strategy = spec.server_class()(cfg, initial_state)
+    if cfg.dp.mode == "user":
+        return UserLevelDP(strategy, cfg, spec.capabilities.setup_round)
+    return strategy
 
 
 def open_run(cfg: RunConfig) -> tuple[RunDirectory, Checkpoint | None]:
@@ -37,7 +50,7 @@ def open_run(cfg: RunConfig) -> tuple[RunDirectory, Checkpoint | None]:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    cfg = parse_config(context.run_config)
+    cfg = load_config(context.run_config)
     task = load_task(cfg)
     run_dir, resumed = open_run(cfg)
     print(f"[fedlora] run directory: {run_dir.path}", flush=True)
@@ -52,16 +65,12 @@ def main(grid: Grid, context: Context) -> None:
         strategy.apply_to(model)
         return evaluate_rows(model, rows, task.kind, task.pad_id, 64, device, amp)
 
-    if resumed:
-        strategy.restore_state(resumed.arrays, resumed.values)
-        print(f"[fedlora] resuming after round {resumed.server_round} from {run_dir.checkpoint}", flush=True)
     reporter = RoundReporter(run_dir, cfg, task.kind, run_dir.read_metrics() if resumed else None)
-
-    def on_round(server_round: int, metrics: dict) -> None:
-        reporter.on_round(server_round, metrics)
-        write_checkpoint(run_dir.checkpoint, Checkpoint(server_round, cfg.to_flat(), *strategy.checkpoint_state()))
-
-    strategy.run(grid, evaluate, on_round, first_round=resumed.server_round + 1 if resumed else 0)
+    loop = RoundLoop(strategy, cfg, evaluate, reporter, run_dir.checkpoint)
+    if resumed:
+        loop.restore(resumed.arrays, resumed.values)
+        print(f"[fedlora] resuming after round {resumed.server_round} from {run_dir.checkpoint}", flush=True)
+    loop.run(grid, first_round=resumed.server_round + 1 if resumed else 0)
     strategy.save_final(model, run_dir.final_adapter)
     summary = reporter.summary()
     run_dir.write_summary(summary)

@@ -1,7 +1,7 @@
 """The server checkpoint written after every round, and resuming a run from it.
 
 One file, ``<run-dir>/checkpoint.safetensors``: the strategy's arrays (global adapter and
-whatever else :meth:`~fedlora.strategies.base.LoraStrategy.checkpoint_state` returns) as
+whatever else :meth:`~fedlora.server.rounds.RoundLoop.checkpoint_state` returns) as
 safetensors tensors, and in the safetensors header one JSON document with the round it
 completed, the resolved run config, the strategy's JSON values (sampling RNG state, FLoRA's
 merge list, a DP accountant's history …) and a SHA-256 over every array. No pickle.
@@ -26,7 +26,7 @@ from safetensors.numpy import load, save
 
 from fedlora.atomic_write import write_atomic
 from fedlora.config import ConfigError, RunConfig
-from fedlora.strategies.common import AdapterState
+from fedlora.adapters.state import AdapterState
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 FORMAT = 1

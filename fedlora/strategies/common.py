@@ -13,8 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
-AdapterState = dict[str, np.ndarray]
-
+from fedlora.adapters.state import AdapterState
 
 def client_weights(num_examples: Sequence[int], mode: str) -> np.ndarray:
     """p_k: proportional to ``num_examples`` (mode 'num-examples') or uniform; sums to 1."""

@@ -1,13 +1,4 @@
-"""LoRA-FAIR: average the factors, then correct B so the product matches the ideal update.
-
-For one module (all clients share the scale s, which multiplies every term and is left out):
-
-    Ā = Σ_k p_k A_k,   B̄ = Σ_k p_k B_k,   ΔW = Σ_k p_k B_k A_k
-    ΔB* = argmin_ΔB ‖ΔW − (B̄ + ΔB)Ā‖²_F + λ‖ΔB‖²_F = (ΔW − B̄Ā) Āᵀ (ĀĀᵀ + λI)⁻¹
-
-Clients start the next round from (Ā, B̄ + ΔB*). λ → ∞ gives ΔB* → 0, i.e. FedIT; λ = 0
-is the least-squares correction (minimum-norm solution when ĀĀᵀ is singular).
-"""
+"""LoRA-FAIR's ridge correction of B and its residuals, in float64 (equations: the package docstring)."""
 
 from __future__ import annotations
 
@@ -15,11 +6,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fedlora.strategies.base import ClientUpdate, LoraStrategy
-
 from fedlora.adapters.lora import LORA_A, LORA_B, lora_modules
+from fedlora.adapters.state import AdapterState
+from fedlora.strategies.traffic import Shapes
 from fedlora.strategies.common import (
-    AdapterState, Factored, aggregate_extras, check_same_keys, difference, frobenius, ideal_factors, weighted_sum,
+    Factored, aggregate_extras, check_same_keys, difference, frobenius, ideal_factors, weighted_sum,
 )
 
 
@@ -84,10 +75,6 @@ def aggregate_lorafair(states: Sequence[AdapterState], weights: np.ndarray,
     return out, {"residual_before": float(np.sqrt(before) / norm), "residual_after": rel_after, "agg_error": rel_after}
 
 
-class LoraFair(LoraStrategy):
-    """LoRA-FAIR: FedIT's averages plus the ridge correction of B; clients start from (Ā, B̄ + ΔB*)."""
-
-    name = "lorafair"
-
-    def aggregate_updates(self, updates: list[ClientUpdate], weights: np.ndarray) -> tuple[AdapterState, dict[str, float]]:
-        return aggregate_lorafair([u.state for u in updates], weights, self.cfg.lorafair.lambda_)
+def traffic(direction: str, server_round: int, adapter: Shapes, clients: int) -> Shapes:
+    """As FedIT: the whole adapter both ways (r(d+k) per module, the head); nothing in round 0."""
+    return {} if server_round == 0 else dict(adapter)

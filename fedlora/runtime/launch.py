@@ -3,7 +3,7 @@
 ``flwr run`` exits 0 even when the run fails, and leaves its detached local SuperLink
 running. :func:`run_simulation` gives each launch its own ``FLWR_HOME`` and free ports,
 streams the run's output, reads the run's real status with ``flwr ls``, and always stops
-the SuperLink it started (by PID). ``python -m fedlora.launch`` is what ``make run`` calls.
+the SuperLink it started (by PID). ``python -m fedlora.runtime.launch`` is what ``make run`` calls.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
+PROJECT_DIR = Path(__file__).resolve().parents[2]
 COMPLETED = "finished:completed"
 
 

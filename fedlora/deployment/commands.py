@@ -1,8 +1,8 @@
 """The command lines of a fedlora deployment (Flower 1.39, grpc-rere Fleet API) — one source of truth.
 
-``docker-compose.yml`` is rendered from these functions (:mod:`fedlora.deploy_compose`) and
+``docker-compose.yml`` is rendered from these functions (:mod:`fedlora.deployment.compose`) and
 the loopback test starts the very same argument lists as local processes
-(:mod:`fedlora.deploy_loopback`), so the two cannot drift apart. Every function is pure:
+(:mod:`fedlora.deployment.loopback`), so the two cannot drift apart. Every function is pure:
 it turns addresses and file paths into the argument list of one Flower executable
 (without the executable's name, which is what a container's ``command:`` holds).
 

@@ -1,19 +1,13 @@
-"""FedAvg over LoRA factors (FedIT): average A and B separately.
-
-    Ā = Σ_k p_k A_k,   B̄ = Σ_k p_k B_k,   applied ΔW = s·B̄Ā
-
-This is inexact: ``Σ_k p_k B_k A_k − B̄Ā = Σ_k p_k (B_k − B̄)(A_k − Ā)``, which vanishes
-only when the clients' A (or B) agree. Other trained tensors (a classification head)
-are averaged plainly.
-"""
+"""FedIT's average and its aggregation error, in float64 (see the package docstring for the equations)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from fedlora.adapters.lora import LORA_A, LORA_B, lora_modules
-from fedlora.strategies.base import ClientUpdate, LoraStrategy
-from fedlora.strategies.common import AdapterState, ideal_factors, relative_error, weighted_average
+from fedlora.adapters.state import AdapterState
+from fedlora.strategies.traffic import Shapes
+from fedlora.strategies.common import ideal_factors, relative_error, weighted_average
 
 
 def fedavg_states(states: list[AdapterState], weights: np.ndarray) -> AdapterState:
@@ -35,12 +29,6 @@ def fedavg_error(states: list[AdapterState], weights: np.ndarray, scale: float) 
     return relative_error(pairs())
 
 
-class FedAvgLoRA(LoraStrategy):
-    """FedIT: clients train A and B; the server averages each."""
-
-    name = "fedavg"
-
-    def aggregate_updates(self, updates: list[ClientUpdate], weights: np.ndarray) -> tuple[AdapterState, dict[str, float]]:
-        states = [u.state for u in updates]
-        scale = self.cfg.lora.alpha / self.cfg.lora.rank
-        return fedavg_states(states, weights), {"agg_error": fedavg_error(states, weights, scale)}
+def traffic(direction: str, server_round: int, adapter: Shapes, clients: int) -> Shapes:
+    """The whole adapter both ways (A, B: r(d+k) per module, the head); nothing in round 0."""
+    return {} if server_round == 0 else dict(adapter)

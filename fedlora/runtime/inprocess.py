@@ -5,7 +5,7 @@ with its own ``Context`` (node config ``partition-id`` / ``num-partitions`` and 
 state that persists across rounds, as a simulated SuperNode's does). Messages are real
 Flower Messages with real ArrayRecords; they are handed to the ClientApp directly instead
 of travelling through a SuperLink and Ray. It is what fast tests, reproducibility checks
-and large studies use; ``flwr run`` (see :mod:`fedlora.launch`) remains the real runtime.
+and large studies use; ``flwr run`` (see :mod:`fedlora.runtime.launch`) remains the real runtime.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedlora.config import default_flat_config
+from fedlora.run_config import full_defaults
 
 SERVER_NODE = 0
 
@@ -94,7 +94,7 @@ def run_inprocess(overrides: dict[str, Any] | None = None, num_nodes: int = 2) -
     from fedlora.client.app import app as client_app
     from fedlora.server.app import main
 
-    run_config = {**default_flat_config(), **(overrides or {})}
+    run_config = {**full_defaults(), **(overrides or {})}
     TaskIdentity.run_id = run_id
     TaskIdentity.node_id = SERVER_NODE
     TaskIdentity.task_id = run_id

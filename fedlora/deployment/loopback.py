@@ -4,7 +4,7 @@
 every API on a free loopback port, state in a file) with the ``flower-superexec`` that runs
 ServerApps, registers SuperNode keys, starts SuperNodes each with their own SuperExec,
 submits a run with ``flwr run <project> <connection>`` and judges it by ``flwr ls``, never
-by ``flwr run``'s exit code. Argument lists come from :mod:`fedlora.deploy_commands`, the
+by ``flwr run``'s exit code. Argument lists come from :mod:`fedlora.deployment.commands`, the
 same source ``docker-compose.yml`` is rendered from. Every process is started in its own
 process group and stopped by PID when the federation closes. Nothing binds anything but
 127.0.0.1. Used by ``tests/test_deployment.py`` and ``benchmarks/deployment_overhead.py``.
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from fedlora.deploy_commands import (
+from fedlora.deployment.commands import (
     Credentials,
     connection_toml,
     register_args,
@@ -31,7 +31,7 @@ from fedlora.deploy_commands import (
     superlink_args,
     supernode_args,
 )
-from fedlora.launch import PROJECT_DIR, LaunchResult, flower_env, free_port, run_config_arg, run_status
+from fedlora.runtime.launch import PROJECT_DIR, LaunchResult, flower_env, free_port, run_config_arg, run_status
 
 LOOPBACK = "127.0.0.1"
 CONNECTION = "loopback"

@@ -1,6 +1,6 @@
 """Validate one client's reply against what its strategy expects, before any aggregation.
 
-Pure functions over numpy arrays; :meth:`fedlora.strategies.base.LoraStrategy.collect`
+Pure functions over numpy arrays; :meth:`fedlora.server.rounds.RoundLoop.collect`
 calls them for every reply and leaves rejected replies out of the round. A reply is
 accepted only if
 
@@ -60,3 +60,11 @@ def validate_upload(state: Mapping[str, np.ndarray], expected: Mapping[str, tupl
         rms = float(np.sqrt(np.mean(np.square(array, dtype=np.float64)))) if array.size else 0.0
         if rms > max_rms:
             raise InvalidUpdate(f"tensor {key!r} has root-mean-square {rms:.3g} > validation.max-rms = {max_rms:g}")
+
+
+def announced_rank(metrics: Mapping[str, float], allowed: set[int]) -> int:
+    """The LoRA rank a reply announces (metric ``rank``), if it is one of the configured ranks; else :class:`InvalidUpdate`."""
+    rank = metrics.get("rank")
+    if rank is None or not float(rank).is_integer() or int(rank) not in allowed:
+        raise InvalidUpdate(f"announced rank {rank!r} is not one of the configured ranks {sorted(allowed)}")
+    return int(rank)

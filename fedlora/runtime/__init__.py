@@ -1,0 +1,1 @@
+"""Ways to run the fedlora apps: a local ``flwr run`` simulation and the in-process grid."""

@@ -1,0 +1,235 @@
+"""The one round loop of every fedlora run: it moves Messages, the strategy does the math.
+
+A round is a :class:`Round` value: what was sent to whom, what came back, what was
+rejected and why, and the bytes both ways. :class:`RoundLoop` owns everything around the
+strategy — sampling, messages, reply validation, weights, evaluation, metrics and the
+checkpoint — so a strategy's server part (:class:`~fedlora.server.strategy.ServerStrategy`)
+only says what to send, what to expect back, and how to aggregate it.
+
+Round 0 runs the strategy's setup phase (if it has one) and evaluates the initial model;
+rounds 1..N train, aggregate, evaluate and report. A round with fewer than ``min-clients``
+valid replies is skipped: the global state stays, and its record says why (``skipped``)
+next to the failures (``rejected``).
+"""
+
+from __future__ import annotations
+
+import random
+import secrets
+import time
+from collections.abc import Callable, Iterable
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+
+from fedlora.adapters.transport import from_record, record_bytes, to_record
+from fedlora.config import RunConfig
+from fedlora.protocol import (
+    ARRAYS, CONFIG, EPSILON, METRICS, PARTITION_ID, REFUSED, RUN_KEY, SERVER_ROUND, SIMULATED_DELAY, STATUS, TRAIN_LOSS,
+)
+from fedlora.server.checkpoint import Checkpoint, write_checkpoint
+from fedlora.server.report import RoundReporter
+from fedlora.server.round import ClientUpdate, Round
+from fedlora.server.strategy import ServerStrategy
+from fedlora.server.validation import InvalidUpdate, Shapes, num_examples_of, validate_upload
+from fedlora.strategies.common import client_weights
+
+Expected = Callable[[ClientUpdate], Shapes]
+
+
+class RoundLoop:
+    """Runs a strategy over a Grid: ``evaluate`` scores the current global model; every round's record goes
+    to ``reporter`` (console line, metrics.jsonl), then the checkpoint is written to ``checkpoint``."""
+
+    def __init__(self, strategy: ServerStrategy, cfg: RunConfig, evaluate: Callable[[], dict[str, float]],
+                 reporter: RoundReporter, checkpoint: Path) -> None:
+        self.strategy = strategy
+        self.cfg = cfg
+        self.evaluate = evaluate
+        self.reporter = reporter
+        self.checkpoint = checkpoint
+        self.rng = random.Random(cfg.seed)
+        self.num_nodes = 0
+        #: names this logical run for the nodes' on-disk state; a resumed run keeps it (see :meth:`restore`)
+        self.run_key = secrets.token_hex(8)
+
+    # ----- checkpoint ----------------------------------------------------------------------
+    def checkpoint_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The strategy's arrays and values, plus the sampling RNG, the node count and the run key."""
+        arrays, values = self.strategy.checkpoint_state()
+        version, internal, gauss = self.rng.getstate()
+        return arrays, {**values, "rng": [version, list(internal), gauss], "num_nodes": self.num_nodes,
+                        "run_key": self.run_key}
+
+    def restore(self, arrays: dict[str, np.ndarray], values: dict[str, Any]) -> None:
+        """Continue after the round whose :meth:`checkpoint_state` wrote ``arrays`` and ``values``."""
+        self.strategy.restore_state(arrays, values)
+        version, internal, gauss = values["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.num_nodes = int(values["num_nodes"])
+        self.run_key = str(values["run_key"])
+
+    # ----- one exchange ------------------------------------------------------------------
+    def sample(self, grid: Grid, fraction: float) -> list[int]:
+        """``fraction`` of the connected nodes (at least one), waiting up to round-timeout for any to connect."""
+        deadline = time.monotonic() + self.cfg.round_timeout
+        while not (nodes := sorted(grid.get_node_ids())) and time.monotonic() < deadline:
+            time.sleep(1)
+        if not nodes:
+            return []
+        self.num_nodes = len(nodes)
+        k = max(1, int(round(fraction * len(nodes))))
+        return sorted(self.rng.sample(nodes, k))
+
+    def send(self, grid: Grid, number: int, nodes: list[int], message_type: str,
+             extra_config: dict[str, int | float | str] | None = None) -> tuple[Round, list[Message]]:
+        """One message per node (its downloads and the round's config), sent and answered within round-timeout."""
+        config = {SERVER_ROUND: number, RUN_KEY: self.run_key, **self.strategy.client_config(number),
+                  **(extra_config or {})}
+        messages, total = [], 0
+        for node in nodes:
+            records = {name: to_record(state) for name, state in self.strategy.downloads(number, node).items()}
+            total += sum(record_bytes(r) for r in records.values())
+            content = RecordDict({**records, CONFIG: ConfigRecord(dict(config))})
+            messages.append(Message(content=content, message_type=message_type, dst_node_id=node))
+        sent = Round(number, nodes, self.num_nodes, total, time.monotonic())
+        replies = list(grid.send_and_receive(messages, timeout=self.cfg.round_timeout)) if messages else []
+        sent.destinations = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
+        return sent, replies
+
+    def _lateness(self, sent: Round, reply: Message) -> str | None:
+        """Why a reply counts as late: it reports a simulated delay that puts it past round-timeout."""
+        delay = float(reply.content[METRICS].get(SIMULATED_DELAY, 0.0)) if METRICS in reply.content.metric_records else 0.0
+        arrived = time.monotonic() - sent.sent_at + delay
+        if delay and arrived > self.cfg.round_timeout:
+            return f"reply arrived past round-timeout = {self.cfg.round_timeout:g} s (simulated delay {delay:g} s; late, discarded)"
+        return None
+
+    def _parse(self, sent: Round, reply: Message, expected: Expected) -> ClientUpdate:
+        """The reply as a validated :class:`ClientUpdate`; :class:`InvalidUpdate` says why it is not usable."""
+        content = reply.content
+        if METRICS not in content.metric_records or ARRAYS not in content.array_records:
+            raise InvalidUpdate(f"reply lacks its {METRICS!r} or {ARRAYS!r} record")
+        metrics = dict(content[METRICS])
+        update = ClientUpdate(
+            node_id=sent.node_of(reply),
+            partition_id=int(metrics.get(PARTITION_ID, -1)),
+            state=from_record(content[ARRAYS]),
+            num_examples=num_examples_of(metrics),
+            metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
+        )
+        validate_upload(update.state, expected(update), self.cfg.validation.max_rms)
+        return update
+
+    def collect(self, sent: Round, replies: Iterable[Message], expected: Expected) -> Round:
+        """Fill ``sent`` with the valid updates (in a fixed order), their bytes and every failure."""
+        for reply in replies:
+            node = sent.node_of(reply)
+            if reply.has_error():
+                sent.rejected.append(f"node {node}: {reply.error.reason}")
+                continue
+            if STATUS in reply.content.config_records and REFUSED in reply.content[STATUS]:
+                sent.rejected.append(f"node {node} refused: {reply.content[STATUS][REFUSED]}")
+                sent.refused_epsilons.append(float(reply.content[METRICS].get(EPSILON, 0.0)))
+                continue
+            source = f"node {node}"
+            if METRICS in reply.content.metric_records and PARTITION_ID in reply.content[METRICS]:
+                source += f" (partition {int(reply.content[METRICS][PARTITION_ID])})"
+            late = self._lateness(sent, reply)
+            if late:
+                sent.rejected.append(f"{source}: {late}")
+                continue
+            try:
+                update = self._parse(sent, reply, expected)
+            except InvalidUpdate as err:
+                sent.rejected.append(f"{source} rejected: {err}")
+                continue
+            sent.bytes_up += record_bytes(reply.content[ARRAYS])
+            sent.updates.append(update)
+        sent.updates.sort(key=lambda u: (u.partition_id, u.node_id))  # fixed summation order: reproducible
+        answered = {sent.node_of(r) for r in replies}
+        sent.rejected += [f"node {n}: no reply within round-timeout = {self.cfg.round_timeout:g} s"
+                          for n in sorted(set(sent.destinations.values()) - answered)]
+        return sent
+
+    def weights(self, updates: list[ClientUpdate]) -> np.ndarray:
+        return client_weights([u.num_examples for u in updates], self.cfg.weighting)
+
+    # ----- round 0 and a training round ---------------------------------------------------
+    def setup(self, grid: Grid) -> dict[str, float]:
+        """The strategy's setup phase, if any: its uploads averaged (one linear release) into its initial state."""
+        config = self.strategy.setup_config()
+        if config is None:
+            return {"bytes_up": 0.0, "bytes_down": 0.0}
+        nodes = self.sample(grid, self.cfg.fraction_train)
+        sent, replies = self.send(grid, 0, nodes, MessageType.TRAIN, config)
+        done = self.collect(sent, replies, self.strategy.setup_expected_upload)
+        if not done.updates:
+            raise RuntimeError(f"the setup phase of strategy {self.cfg.strategy!r} received no valid reply "
+                               f"({'; '.join(done.rejected) or 'no node connected'})")
+        average, release = self.strategy.setup_average(done, self.weights(done.updates))
+        self.strategy.finish_setup(average)
+        return {**{k: v for k, v in done.metrics().items() if k != "num_sampled"}, **release}
+
+    def train_round(self, grid: Grid, number: int) -> dict[str, Any]:
+        """Send, collect, aggregate one training round; its record (without evaluation)."""
+        nodes = self.sample(grid, self.cfg.fraction_train)
+        sent, replies = self.send(grid, number, nodes, MessageType.TRAIN)
+        done = self.collect(sent, replies, lambda update: self.strategy.expected_upload(number, update))
+        self.strategy.delivered(number, [u.node_id for u in done.updates])
+        record: dict[str, Any] = done.metrics()
+        if done.rejected:
+            record["rejected"] = done.rejected
+        if len(done.updates) < self.cfg.min_clients:
+            record["skipped"] = (f"{len(done.updates)} valid replies < min-clients = {self.cfg.min_clients}"
+                                 if nodes else f"no node connected within round-timeout = {self.cfg.round_timeout:g} s")
+            log(WARNING, "round %d skipped, global state unchanged: %s", number, record["skipped"])
+            self.strategy.skipped(number)
+            return record
+        weights = self.weights(done.updates)
+        self.strategy.state, extra = self.strategy.aggregate(done, weights)
+        record.update(extra)
+        record[TRAIN_LOSS] = float(sum(p * u.metrics.get(TRAIN_LOSS, 0.0) for p, u in zip(weights, done.updates)))
+        return record
+
+    def client_evaluation(self, grid: Grid, number: int) -> dict[str, float]:
+        """``client_eval_*``: the global model evaluated by ``fraction-evaluate`` of the clients on their data."""
+        if self.cfg.fraction_evaluate == 0:
+            return {}
+        sent, replies = self.send(grid, number, self.sample(grid, self.cfg.fraction_evaluate), MessageType.EVALUATE)
+        results = [dict(r.content[METRICS]) for r in replies if not r.has_error()]
+        if not results:
+            return {}
+        weights = client_weights([num_examples_of(m) for m in results], self.cfg.weighting)
+        keys = [k for k in results[0] if k.startswith("eval_")]
+        return {f"client_{k}": float(sum(p * m[k] for p, m in zip(weights, results))) for k in keys}
+
+    def finish(self, number: int, record: dict[str, Any]) -> None:
+        """Record a round (metrics first), then checkpoint the state it left."""
+        self.reporter.on_round(number, record)
+        write_checkpoint(self.checkpoint, Checkpoint(number, self.cfg.to_flat(), *self.checkpoint_state()))
+
+    def run(self, grid: Grid, first_round: int = 0) -> None:
+        """Round 0 (setup + evaluation of the initial model) unless resuming, then rounds up to num-server-rounds."""
+        log(INFO, "fedlora strategy %s: fraction-train=%s weighting=%s", self.cfg.strategy, self.cfg.fraction_train,
+            self.cfg.weighting)
+        if first_round == 0:
+            self.finish(0, {**self.setup(grid), **self.evaluate()})
+        aggregated = 0
+        first = max(first_round, 1)
+        for number in range(first, self.cfg.num_server_rounds + 1):
+            started = time.monotonic()
+            record = self.train_round(grid, number)
+            aggregated += "skipped" not in record
+            record.update(self.client_evaluation(grid, number))
+            record.update(self.evaluate())
+            record["round_seconds"] = time.monotonic() - started
+            self.finish(number, record)
+        if first <= self.cfg.num_server_rounds and not aggregated:
+            log(WARNING, "rounds %d..%d aggregated no client update: the global adapter did not change in them",
+                first, self.cfg.num_server_rounds)

@@ -1,0 +1,77 @@
+"""Fed-SB's initialisation from a gradient SVD, its average of R and its (zero) aggregation error, in float64."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from fedlora.adapters.lora import PEFT_PREFIX
+from fedlora.adapters.lorasb import LORASB_A, LORASB_B, LORASB_R, lorasb_modules
+from fedlora.adapters.state import AdapterState
+from fedlora.strategies.traffic import Shapes, extras, lora_dims
+from fedlora.strategies.common import average_uploads, check_same_keys, ideal_factors, relative_error, weighted_sum
+
+
+def lorasb_init(G: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(B, R0, A) = (U_r, diag(σ_1..σ_r), V_rᵀ) from the SVD G = U Σ Vᵀ, in float64.
+
+    B R0 A is the best rank-r approximation of G: ‖G − B R0 A‖²_F = Σ_{i>r} σ_i². R0 ≠ 0, so
+    the adapter starts at ΔW0 = s·B R0 A, not at zero: the caller passes G already scaled to
+    the update it wants to start from (e.g. −η·∇W / s for one gradient step of size η).
+    """
+    G = np.asarray(G, dtype=np.float64)
+    if not 0 < r <= min(G.shape):
+        raise ValueError(f"LoRA-SB rank {r} must be in 1..{min(G.shape)} for a {G.shape[0]}×{G.shape[1]} gradient")
+    U, sigma, Vt = np.linalg.svd(G, full_matrices=False)
+    return U[:, :r], np.diag(sigma[:r]), Vt[:r]
+
+
+def lorasb_init_states(gradients: Mapping[str, np.ndarray], r: int) -> tuple[AdapterState, AdapterState]:
+    """(fixed factors ``<m>.lorasb_B/A.weight``, initial ``<m>.lorasb_R.weight``) per module, float32."""
+    frozen: AdapterState = {}
+    initial: AdapterState = {}
+    for m, G in gradients.items():
+        B, R0, A = lorasb_init(G, r)
+        frozen[m + LORASB_B] = B.astype(np.float32)
+        frozen[m + LORASB_A] = A.astype(np.float32)
+        initial[m + LORASB_R] = R0.astype(np.float32)
+    return frozen, initial
+
+
+def aggregate_fedsb(states: Sequence[AdapterState], weights: np.ndarray) -> AdapterState:
+    """Σ_k p_k X_k for every uploaded tensor (the R factors and extras); uploads hold no B or A."""
+    return average_uploads(states, weights, (LORASB_A, LORASB_B))
+
+
+def fedsb_error(states: Sequence[AdapterState], weights: np.ndarray, frozen: AdapterState, scale: float) -> float:
+    """‖s·B R̄ A − Σ_k p_k s·B R_k A‖_F / ‖Σ_k p_k s·B R_k A‖_F over all modules (zero up to rounding).
+
+    R̄ is taken in float64 here, so the result measures the math, not float32 storage.
+    """
+    check_same_keys(states)
+
+    def pairs():
+        for m in lorasb_modules(frozen):
+            B = np.asarray(frozen[m + LORASB_B], dtype=np.float64)
+            A = np.asarray(frozen[m + LORASB_A], dtype=np.float64)
+            Rs = [s[m + LORASB_R] for s in states]
+            applied = (scale * (B @ weighted_sum(Rs, weights)), A)
+            yield applied, ideal_factors([B @ np.asarray(R, dtype=np.float64) for R in Rs], [A] * len(Rs),
+                                         [scale] * len(Rs), weights)
+
+    return relative_error(pairs())
+
+
+def traffic(direction: str, server_round: int, adapter: Shapes, clients: int) -> Shapes:
+    """Round 0: a dense d×k gradient per module, up. Then R (r²) and the head both ways, plus B
+    and A (r(d+k)) down in round 1. LoRA-SB's names carry no peft prefix."""
+    plain = {m.removeprefix(PEFT_PREFIX): dims for m, dims in lora_dims(adapter).items()}
+    if server_round == 0:
+        return {m: (d, k) for m, (d, k, _) in plain.items()} if direction == "up" else {}
+    out = {k.removeprefix(PEFT_PREFIX): v for k, v in extras(adapter).items()}
+    for m, (d, k, r) in plain.items():
+        out[m + LORASB_R] = (r, r)
+        if direction == "down" and server_round == 1:
+            out[m + LORASB_B], out[m + LORASB_A] = (d, r), (r, k)
+    return out

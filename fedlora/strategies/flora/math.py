@@ -1,0 +1,75 @@
+"""FLoRA's stacking of client factors and its (zero) aggregation error (equations: the package docstring)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from fedlora.adapters.lora import LORA_A, LORA_B, lora_modules
+from fedlora.adapters.state import AdapterState
+from fedlora.strategies.traffic import Shapes, at_rank, extras, lora_dims
+from fedlora.strategies.common import check_same_keys, ideal_factors, relative_error
+
+
+def _module_factors(states: Sequence[AdapterState], module: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    return [s[module + LORA_B] for s in states], [s[module + LORA_A] for s in states]
+
+
+def stacked_state(states: Sequence[AdapterState], weights: np.ndarray, scales: Sequence[float]) -> AdapterState:
+    """Per module, ``<module>.lora_B.weight`` = B_stack and ``<module>.lora_A.weight`` = A_stack (float32).
+
+    Rank Σ_k r_k with every client's p_k s_k folded into A_stack: the update is B_stack·A_stack
+    at scale 1 (what :func:`fedlora.adapters.lora.merge_into_base` adds). Only the factors;
+    average the other tensors with ``aggregate_extras``.
+    """
+    check_same_keys(states)
+    out: AdapterState = {}
+    for module in lora_modules(states[0]):
+        out[module + LORA_B], out[module + LORA_A] = ideal_factors(*_module_factors(states, module), scales, weights,
+                                                                   dtype=np.float32)
+    return out
+
+
+def concat_stacks(a: AdapterState, b: AdapterState) -> AdapterState:
+    """Accumulate two stacked updates: ``[B_a B_b]·[A_a; A_b] = B_a A_a + B_b A_b`` per module.
+
+    An empty ``a`` is the empty update (returns ``b``). Both must stack the same modules;
+    tensors that are not LoRA factors are taken from ``b``, the later update.
+    """
+    if not a:
+        return dict(b)
+    modules = lora_modules(b)
+    if lora_modules(a) != modules:
+        raise ValueError("cannot concatenate stacks over different LoRA modules")
+    out = {k: v for k, v in b.items() if not k.endswith((LORA_A, LORA_B))}
+    for m in modules:
+        out[m + LORA_B] = np.concatenate([a[m + LORA_B], b[m + LORA_B]], axis=1)
+        out[m + LORA_A] = np.concatenate([a[m + LORA_A], b[m + LORA_A]], axis=0)
+    return out
+
+
+def flora_error(stack: AdapterState, states: Sequence[AdapterState], weights: np.ndarray, scales: Sequence[float]) -> float:
+    """‖B_stack·A_stack − Σ_k p_k s_k B_k A_k‖_F / ‖Σ_k p_k s_k B_k A_k‖_F for the ``stack`` that is merged
+    (:func:`stacked_state`, float32), against the float64 ideal: zero up to float32 rounding."""
+    check_same_keys(states)
+
+    def pairs():
+        for m in lora_modules(states[0]):
+            applied = (stack[m + LORA_B].astype(np.float64), stack[m + LORA_A].astype(np.float64))
+            yield applied, ideal_factors(*_module_factors(states, m), scales, weights)
+
+    return relative_error(pairs())
+
+
+def traffic(direction: str, server_round: int, adapter: Shapes, clients: int) -> Shapes:
+    """Up: a fresh LoRA (r(d+k) per module) and the head. Down: the head and, from round 2,
+    the previous round's merge at stacked rank clients·r."""
+    if server_round == 0:
+        return {}
+    if direction == "up":
+        return dict(adapter)
+    if server_round == 1:
+        return extras(adapter)
+    rank = next(iter(lora_dims(adapter).values()))[2]
+    return at_rank(adapter, clients * rank)
