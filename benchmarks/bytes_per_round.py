@@ -28,7 +28,7 @@ from fedlora.adapters.lora import LORA_A, PEFT_PREFIX, adapter_state
 from fedlora.run_config import full_defaults, load_config
 from fedlora.runtime.inprocess import run_inprocess
 from fedlora.strategies.registry import names, spec_of
-from fedlora.strategies.traffic import extras
+from fedlora.strategies.traffic import array_name, extras
 from fedlora.task import server_model
 
 F32 = 4
@@ -46,7 +46,7 @@ def payload(arrays: Shapes, adapter: Shapes) -> tuple[int, int]:
     adapter's fully-trained tensors (the head), with or without peft's name prefix."""
     head = {k.removeprefix(PEFT_PREFIX) for k in extras(adapter)}
     sizes = {k: F32 * int(np.prod(s)) for k, s in arrays.items()}
-    extra = sum(b for k, b in sizes.items() if k.removeprefix(PEFT_PREFIX) in head)
+    extra = sum(b for k, b in sizes.items() if array_name(k).removeprefix(PEFT_PREFIX) in head)
     return sum(sizes.values()) - extra, extra
 
 

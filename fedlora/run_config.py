@@ -47,6 +47,8 @@ def check_strategy(cfg: RunConfig) -> StrategySpec:
             f"incompatible: only {', '.join(map(repr, capable))} aggregate clients of different ranks"
         )
     check_privacy(cfg, spec)
+    if spec.check is not None:
+        spec.check(cfg)
     return spec
 
 

@@ -4,18 +4,21 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from peft import PeftModel
 from safetensors.numpy import load_file
 
 from fedlora.adapters.lora import adapter_state
 from fedlora.client.role import ClientRole
 from fedlora.config import ConfigError
+from fedlora.evaluation import evaluate_rows
 from fedlora.models.loading import load_base_model
 from fedlora.run_config import load_config
 from fedlora.runtime.inprocess import run_inprocess
 from fedlora.server.strategy import ServerStrategy
 from fedlora.strategies.registry import names, spec_of, strategies
-from fedlora.task import load_task, server_model
+from fedlora.strategies.traffic import array_name
+from fedlora.task import heldout_rows, load_task, server_model
 
 TINY = {"num-server-rounds": 2, "local-steps": 3, "batch-size": 8, "dataset.max-length": 32,
         "dataset.eval-max-examples": 32, "lora.rank": 4}
@@ -65,9 +68,19 @@ def test_strategy_runs_end_to_end(shared_runs, strategy, model):
     assert all(np.isfinite(e) and e >= 0 for e in errors)
     if spec_of(strategy).capabilities.exact:
         assert max(errors) < 1e-5, f"{strategy} aggregates exactly"
-    task = load_task(load_config({"model.name": model, "dataset.name": MODELS[model]}))
+    cfg = load_config({**TINY, "strategy": strategy, "model.name": model, "dataset.name": MODELS[model]})
+    task = load_task(cfg)
     peft_model = PeftModel.from_pretrained(load_base_model(model, task.kind, task.num_labels), out / "final_adapter")
     assert any("lora_B" in name for name, _ in peft_model.named_parameters())
+    again = evaluate_rows(peft_model, heldout_rows(cfg), task.kind, task.pad_id, 64, torch.device("cpu"))
+    assert again["eval_loss"] == pytest.approx(records[-1]["eval_loss"], rel=1e-4), "the final adapter is the last global model"
+
+
+@pytest.mark.parametrize("strategy", names())
+def test_every_strategy_improves_over_round_0(tmp_path, strategy):
+    """The embedded classification task: held-out loss after 4 short rounds is below the initial model's."""
+    _, records = run(tmp_path, strategy, **{"num-server-rounds": 4, "local-steps": 5, "lr": 5e-3})
+    assert records[-1]["eval_loss"] < records[0]["eval_loss"], [r["eval_loss"] for r in records]
 
 
 def test_fedavg_is_inexact_once_clients_drift(shared_runs):
@@ -92,8 +105,8 @@ def test_same_seed_same_result(tmp_path, shared_runs, strategy):
 
 
 def _flower_bytes(arrays: dict[str, tuple[int, ...]]) -> int:
-    """Serialized bytes of float32 arrays as Flower counts them: payload + npy header + key."""
-    return sum(4 * int(np.prod(shape)) + NPY_HEADER + len(key) for key, shape in arrays.items())
+    """Serialized bytes of float32 arrays as Flower counts them: payload + npy header + the array's name."""
+    return sum(4 * int(np.prod(shape)) + NPY_HEADER + len(array_name(key)) for key, shape in arrays.items())
 
 
 @pytest.mark.parametrize("strategy", names())
@@ -120,7 +133,7 @@ def test_the_contracts_rank_the_uploads_as_the_papers_do():
 
 @pytest.mark.parametrize("strategy", MIXED)
 def test_mixed_ranks_are_aggregated_where_supported(tmp_path, strategy):
-    _, records = run(tmp_path, strategy, **{"lora.client-ranks": "2,6"})
+    _, records = run(tmp_path, strategy, **{"lora.client-ranks": "2,4"})
     assert all(r["num_clients"] == 2 and np.isfinite(r["agg_error"]) for r in records[1:])
     if spec_of(strategy).capabilities.exact:
         assert all(r["agg_error"] < 1e-5 for r in records[1:])
@@ -135,6 +148,12 @@ def test_flora_stacks_mixed_ranks_to_their_sum(tmp_path):
 def test_mixed_ranks_refused_where_not_supported(strategy):
     with pytest.raises(ConfigError, match="'lora.client-ranks'.*'strategy'"):
         load_config({"strategy": strategy, "lora.client-ranks": "4,8"})
+
+
+@pytest.mark.parametrize("strategy", [n for n in MIXED if spec_of(n).check is not None])
+def test_client_ranks_above_the_global_rank_are_refused_where_the_global_rank_is_fixed(strategy):
+    with pytest.raises(ConfigError, match=r"client ranks \[8\] exceed the global rank.*at least 8"):
+        load_config({"strategy": strategy, "lora.rank": 4, "lora.client-ranks": "2,8"})
 
 
 def test_uniform_weighting_is_selectable(tmp_path):

@@ -10,12 +10,13 @@ from transformers import BertConfig, BertForSequenceClassification
 from fedlora.adapters.lora import LORA_A, LORA_B, adapter_state, load_adapter_state, lora_modules, merge_into_base
 from fedlora.adapters.lorasb import LORASB_A, LORASB_B, LORASB_R
 from fedlora.strategies.common import (
-    aggregate_extras, client_weights, difference, frobenius, ideal_factors, relative_error, weighted_sum,
+    aggregate_extras, client_weights, concat_factors, difference, frobenius, ideal_factors, relative_error,
+    svd_of_factors, weighted_sum,
 )
 from fedlora.strategies.fedavg.math import fedavg_error, fedavg_states
 from fedlora.strategies.fedsb.math import aggregate_fedsb, fedsb_error, lorasb_init, lorasb_init_states
 from fedlora.strategies.ffa.math import aggregate_ffa, ffa_error, trainable_part
-from fedlora.strategies.flora.math import concat_stacks, flora_error, stacked_state
+from fedlora.strategies.flora.math import flora_error, stacked_state
 from fedlora.strategies.lorafair.math import aggregate_lorafair, lorafair_module
 
 D, K = 12, 10
@@ -199,16 +200,30 @@ def test_concat_stacks_adds_rounds():
     p1, p2 = _weights(3, seed=1), _weights(2, seed=2)
     round1, round2 = _lora_states(RANKS, seed=1), _lora_states([8, 2], seed=2)
     s1, s2 = stacked_state(round1, p1, SCALES), stacked_state(round2, p2, [2.0, 8.0])
-    both = concat_stacks(s1, {**s2, HEAD: np.ones((3, D), np.float32)})
-    assert concat_stacks({}, s2).keys() == s2.keys()
+    both = concat_factors(s1, {**s2, HEAD: np.ones((3, D), np.float32)})
+    assert concat_factors({}, s2).keys() == s2.keys()
     np.testing.assert_array_equal(both[HEAD], np.ones((3, D)))
     for m in MODULES:
         assert both[m + LORA_A].shape == (sum(RANKS) + 10, K) and both[m + LORA_B].shape == (D, sum(RANKS) + 10)
         total = ideal_update(*_factors(round1, m), SCALES, p1) + ideal_update(*_factors(round2, m), [2.0, 8.0], p2)
         applied = both[m + LORA_B].astype(np.float64) @ both[m + LORA_A].astype(np.float64)
         np.testing.assert_allclose(applied, total, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="different LoRA modules"):
-        concat_stacks(s1, {k: v for k, v in s2.items() if not k.startswith(MODULES[0])})
+    only_second = {k: v for k, v in s2.items() if not k.startswith(MODULES[0])}
+    partial = concat_factors(s1, only_second)
+    np.testing.assert_array_equal(partial[MODULES[0] + LORA_A], s1[MODULES[0] + LORA_A])
+    assert partial[MODULES[1] + LORA_A].shape == (sum(RANKS) + 10, K), "a module in one update only is kept as it is"
+
+
+@pytest.mark.parametrize("m", [3, 40])
+def test_svd_of_factors_is_the_svd_of_the_product(m):
+    rng = np.random.default_rng(11)
+    U, V = rng.standard_normal((30, m)), rng.standard_normal((m, 20))
+    P, sigma, Qt = svd_of_factors(U, V)
+    assert len(sigma) == min(30, 20, m)
+    np.testing.assert_allclose(sigma, np.linalg.svd(U @ V, compute_uv=False)[: len(sigma)], rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose((P * sigma) @ Qt, U @ V, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(P.T @ P, np.eye(len(sigma)), atol=1e-10)
+    np.testing.assert_allclose(Qt @ Qt.T, np.eye(len(sigma)), atol=1e-10)
 
 
 # ----- LoRA-FAIR ----------------------------------------------------------------------------

@@ -24,6 +24,8 @@ from fedlora.models.loading import load_base_model
 LORA_A = ".lora_A.weight"
 #: prefix of every state name of a PeftModel around a plain model (LoRA-SB state names carry none)
 PEFT_PREFIX = "base_model.model."
+#: a dense d×k base-weight update in a merge record (``<module>.base_delta.weight``), sent when smaller than its factors
+DENSE_DELTA = ".base_delta.weight"
 LORA_B = ".lora_B.weight"
 
 
@@ -108,17 +110,21 @@ def scaling(cfg: LoraConfig) -> float:
 
 
 def merge_into_base(model: PeftModel, update: AdapterState) -> None:
-    """W0 ← W0 + B·A for every LoRA pair in ``update`` (scale already folded into the factors).
+    """W0 ← W0 + B·A for every LoRA pair in ``update`` (scale already folded into the factors),
+    and W0 ← W0 + D for every dense ``<module>.base_delta.weight`` D.
 
     Module prefixes are peft state names (``base_model.model.…query``), which are also the
     module paths inside the PeftModel; the update is added to that module's frozen base weight
-    by one in-place matrix product in the weight's device and dtype.
+    in place, in the weight's device and dtype.
     """
     with torch.no_grad():
         for module in lora_modules(update):
             weight = model.get_submodule(module).base_layer.weight
             B, A = (torch.as_tensor(update[module + suffix]).to(weight.device, weight.dtype) for suffix in (LORA_B, LORA_A))
             weight.addmm_(B, A)  # W0 += B·A accumulated in place: no dense d×k temporary
+        for key in (k for k in update if k.endswith(DENSE_DELTA)):
+            weight = model.get_submodule(key[: -len(DENSE_DELTA)]).base_layer.weight
+            weight.add_(torch.as_tensor(update[key]).to(weight.device, weight.dtype))
 
 
 def fresh_lora_state(model: PeftModel, seed: int | tuple[int, ...]) -> AdapterState:

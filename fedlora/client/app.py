@@ -19,7 +19,7 @@ from fedlora.client.faults import draw_fault
 from fedlora.client.loop import make_optimizer, train_steps
 from fedlora.client.node_store import run_label
 from fedlora.client.privacy import RoundPlan, load_history, plan_round, save_history
-from fedlora.client.role import ClientRole
+from fedlora.client.role import ClientRole, Incoming
 from fedlora.config import RunConfig
 from fedlora.device import autocast_dtype, pick_device
 from fedlora.evaluation import evaluate_rows
@@ -93,7 +93,8 @@ def train(msg: Message, context: Context) -> Message:
         return _reply(msg, to_record(upload), {**identity, **extra})
     fault = draw_fault(cfg.faults, cfg.seed, server_round, partition_id)
     fault.check_alive(server_round, partition_id)
-    model, params = role.prepare(cfg, msg.content, context, partition_id, server_round, device)
+    incoming = Incoming(cfg, msg.content, context, partition_id, server_round, device)
+    model, params = role.prepare(incoming)
     task = load_task(cfg)
     client_seed = cfg.seed * 1_000_003 + server_round * 1_009 + partition_id
     torch.manual_seed(client_seed)  # dropout and any other global-RNG draw: reproducible per client and round
@@ -112,7 +113,7 @@ def train(msg: Message, context: Context) -> Message:
         loss = result.mean_loss
     metrics = {**identity, TRAIN_LOSS: loss, **role.reply_metrics(cfg, partition_id), **extra,
                **fault.reply_metrics(cfg.round_timeout)}
-    return _reply(msg, to_record(fault.apply(role.upload(model, server_round))), metrics)
+    return _reply(msg, to_record(fault.apply(role.upload(model, incoming))), metrics)
 
 
 @app.evaluate()
@@ -123,7 +124,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     device = pick_device(cfg.device)
     rows, partition_id = client_eval_rows(cfg, context.node_config)
     server_round = int(msg.content[CONFIG][SERVER_ROUND])
-    model, _ = client_role(cfg.strategy).prepare(cfg, msg.content, context, partition_id, server_round, device)
+    model = client_role(cfg.strategy).prepare_evaluation(Incoming(cfg, msg.content, context, partition_id, server_round,
+                                                                  device))
     task = load_task(cfg)
     result = evaluate_rows(model, rows, task.kind, task.pad_id, 2 * cfg.batch_size, device,
                            autocast_dtype(cfg.precision, device))

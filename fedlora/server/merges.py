@@ -1,33 +1,47 @@
 """Base-weight merges by round, for strategies whose server changes every client's base (FLoRA, FedEx-LoRA).
 
-The server keeps each round's merge; every node receives, with its next training message,
-exactly the merges it has not yet seen (``merge-<round>`` records), and replays them onto
-its base (:func:`fedlora.client.role.replay_merges`). A skipped round merges nothing, so
-every node's base versions stay in step.
+The server keeps each round's merge as it travels (factors ``<m>.lora_B/A.weight`` with the
+scale folded in, or a dense ``<m>.base_delta.weight`` where that is smaller) and, always as
+factors, the running total of every merge — what the final adapter must add to the base.
+Every node receives, with its next training message, exactly the merges it has not yet seen
+(``merge-<round>`` records) and replays them onto its base
+(:func:`fedlora.client.role.replay_merges`). A skipped round merges nothing, so every node's
+base versions stay in step.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
 from typing import Any
 
 from peft import PeftModel
 
-from fedlora.adapters.lora import bring_base_to
+from fedlora.adapters.lora import LORA_A, bring_base_to, inject_lora, load_adapter_state
 from fedlora.adapters.state import AdapterState
-from fedlora.protocol import merge_record
-from fedlora.server.strategy import prefixed, unprefixed
+from fedlora.config import RunConfig
+from fedlora.models.loading import load_base_model
+from fedlora.protocol import ARRAYS, merge_record
+from fedlora.server.strategy import ServerStrategy, prefixed, unprefixed
+from fedlora.strategies.common import concat_factors
+from fedlora.task import load_task
 
 
 class MergeLog:
-    """The merge of every round so far, and the round each node's base has reached."""
+    """The merge of every round so far, their factored total, and the round each node's base has reached."""
 
     def __init__(self) -> None:
         self.merges: dict[int, AdapterState] = {}
+        #: Σ of every merge as one stack of LoRA factors per module (scale 1)
+        self.total: AdapterState = {}
         #: node id -> last round whose merge the node holds (per run: not checkpointed, node ids change)
         self.node_version: dict[int, int] = {}
 
-    def record(self, server_round: int, merge: AdapterState) -> None:
+    def record(self, server_round: int, merge: AdapterState, factors: AdapterState | None = None) -> None:
+        """Keep ``merge`` (as it travels) for ``server_round``; ``factors`` is the same update as LoRA
+        factors when ``merge`` holds dense deltas (default: ``merge`` itself)."""
         self.merges[server_round] = merge
+        self.total = concat_factors(self.total, merge if factors is None else factors)
 
     def missing(self, node_id: int, server_round: int) -> dict[str, AdapterState]:
         """The ``merge-<j>`` records node ``node_id`` lacks before training round ``server_round``."""
@@ -42,10 +56,57 @@ class MergeLog:
         bring_base_to(model, max(self.merges, default=0), self.merges.get)
 
     def checkpoint(self) -> tuple[AdapterState, dict[str, Any]]:
-        arrays: AdapterState = {}
+        arrays: AdapterState = prefixed("merge-total/", self.total)
         for j, merge in self.merges.items():
             arrays.update(prefixed(f"merge-{j}/", merge))
-        return arrays, {"merges": {str(j): list(m) for j, m in self.merges.items()}}
+        return arrays, {"merges": {str(j): list(m) for j, m in self.merges.items()}, "merge_total": list(self.total)}
 
     def restore(self, arrays: AdapterState, values: dict[str, Any]) -> None:
         self.merges = {int(j): unprefixed(f"merge-{j}/", arrays, keys) for j, keys in values["merges"].items()}
+        self.total = unprefixed("merge-total/", arrays, values["merge_total"])
+
+    def save_with(self, cfg: RunConfig, adapter: AdapterState, path: Path) -> None:
+        """Save total + ``adapter`` (LoRA factors at scale 1 and the extras) as one exact peft LoRA in ``path``.
+
+        The rank of the saved LoRA is that of the concatenated factors, so
+        ``W0 + B·A`` of the saved adapter equals the server's merged base plus ``adapter``.
+        """
+        state = concat_factors(self.total, adapter)
+        rank = next(v.shape[0] for k, v in state.items() if k.endswith(LORA_A))
+        lora = dataclasses.replace(cfg.lora, rank=rank, alpha=float(rank), client_ranks="")
+        task = load_task(cfg)
+        final = inject_lora(load_base_model(cfg.model.name, task.kind, task.num_labels), lora, task.kind, cfg.seed)
+        load_adapter_state(final, state)
+        final.save_pretrained(path)
+
+
+class MergingServer(ServerStrategy):
+    """A server part whose rounds change every base: it sends each node the merges it lacks, with the global state.
+
+    Subclasses record each round's merge in ``self.log`` from :meth:`aggregate`; a skipped
+    round records an empty one. The log is checkpointed with the rest of the state.
+    """
+
+    def __init__(self, cfg: RunConfig, initial_state: AdapterState) -> None:
+        super().__init__(cfg, initial_state)
+        self.log = MergeLog()
+
+    def downloads(self, server_round: int, node_id: int) -> dict[str, AdapterState]:
+        return {ARRAYS: self.state, **self.log.missing(node_id, server_round)}
+
+    def delivered(self, server_round: int, node_ids: list[int]) -> None:
+        self.log.delivered(server_round, node_ids)
+
+    def skipped(self, server_round: int) -> None:
+        self.log.record(server_round, {})
+
+    def checkpoint_state(self) -> tuple[AdapterState, dict[str, Any]]:
+        """Adds every round's merge and their total (who received which is per run, not kept)."""
+        arrays, values = super().checkpoint_state()
+        merge_arrays, merge_values = self.log.checkpoint()
+        return {**arrays, **merge_arrays}, {**values, **merge_values}
+
+    def restore_state(self, arrays: AdapterState, values: dict[str, Any]) -> None:
+        super().restore_state(arrays, values)
+        self.log.restore(arrays, values)
+

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from fedlora.adapters.lora import LORA_A, LORA_B, lora_modules
 from fedlora.adapters.state import AdapterState
 
 def client_weights(num_examples: Sequence[int], mode: str) -> np.ndarray:
@@ -104,6 +105,39 @@ def relative_error(pairs: Iterable[tuple[Factored, Factored]]) -> float:
         num += frobenius(difference(applied, ideal)) ** 2
         den += frobenius(ideal) ** 2
     return float(np.sqrt(num / den)) if den > 0 else 0.0
+
+
+def concat_factors(a: AdapterState, b: AdapterState) -> AdapterState:
+    """The sum of two factored updates, per LoRA module: ``[B_a B_b]·[A_a; A_b] = B_a A_a + B_b A_b``.
+
+    A module in only one of them is kept as it is (an empty state is the empty update).
+    Tensors that are not LoRA factors are taken from ``b``, the later update, else from ``a``.
+    """
+    factors = (LORA_A, LORA_B)
+    out = {k: v for k, v in a.items() if not k.endswith(factors)}
+    out.update({k: v for k, v in b.items() if not k.endswith(factors)})
+    for m in sorted(set(lora_modules(a)) | set(lora_modules(b))):
+        if m + LORA_A not in a or m + LORA_A not in b:
+            source = a if m + LORA_A in a else b
+            out[m + LORA_B], out[m + LORA_A] = source[m + LORA_B], source[m + LORA_A]
+            continue
+        out[m + LORA_B] = np.concatenate([a[m + LORA_B], b[m + LORA_B]], axis=1)
+        out[m + LORA_A] = np.concatenate([a[m + LORA_A], b[m + LORA_A]], axis=0)
+    return out
+
+
+def svd_of_factors(U: np.ndarray, V: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The thin SVD (P, σ, Qᵀ) of the d×k matrix U·V (U: d×m, V: m×k), without forming it.
+
+    Thin QR of both factors, U = Q_u R_u and Vᵀ = Q_v R_v, gives U·V = Q_u (R_u R_vᵀ) Q_vᵀ; the
+    SVD of the small core R_u R_vᵀ = X Σ Yᵀ then yields P = Q_u X, Qᵀ = Yᵀ Q_vᵀ. σ is sorted
+    descending and has min(d, k, m) entries; computed in float64.
+    """
+    U, V = np.asarray(U, dtype=np.float64), np.asarray(V, dtype=np.float64)
+    Qu, Ru = np.linalg.qr(U)
+    Qv, Rv = np.linalg.qr(V.T)
+    X, sigma, Yt = np.linalg.svd(Ru @ Rv.T, full_matrices=False)
+    return Qu @ X, sigma, Yt @ Qv.T
 
 
 def check_same_keys(states: Sequence[Mapping[str, np.ndarray]]) -> None:

@@ -23,6 +23,8 @@ from functools import cache
 from importlib.metadata import entry_points
 from typing import Any
 
+from fedlora.config import ConfigError, RunConfig
+
 ENTRY_POINT_GROUP = "fedlora.strategies"
 
 
@@ -75,7 +77,13 @@ class StrategySpec:
     float32 arrays one client sends (``direction = "up"``) or receives (``"down"``) in
     ``server_round`` (0 = the setup phase), given the shapes of the run's initial adapter
     (``adapter``: peft names, A r×k, B d×r, the head) when ``clients`` clients take part in
-    every round at the same rank. Flower's byte count follows from it exactly.
+    every round at the same rank. Arrays of records other than the adapter's own (``arrays``)
+    are named ``<record>/<name>`` (e.g. ``merge-1/<module>.lora_A.weight``). Flower's byte
+    count follows from it exactly: per array, 4 bytes per value, a 128-byte npy header and the
+    length of ``<name>``.
+
+    ``check`` validates settings only this strategy cares about (raising
+    :class:`~fedlora.config.ConfigError`); config validation calls it after the capability checks.
     """
 
     name: str
@@ -85,6 +93,7 @@ class StrategySpec:
     docs: DocsRow
     traffic: str
     options: type | None = None
+    check: Callable[[RunConfig], None] | None = None
     _loaded: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def traffic_formula(self) -> Callable[[str, int, dict[str, tuple[int, ...]], int], dict[str, tuple[int, ...]]]:
@@ -147,6 +156,15 @@ def spec_of(name: str) -> StrategySpec:
     if name not in known:
         raise KeyError(f"unknown strategy {name!r}; registered: {', '.join(map(repr, known))}")
     return known[name]
+
+
+def client_ranks_within_rank(cfg: RunConfig) -> None:
+    """For strategies whose global adapter has rank ``lora.rank``: every client rank must be at most that."""
+    above = sorted(r for r in cfg.lora.allowed_ranks if r > cfg.lora.rank)
+    if above:
+        raise ConfigError(f"config keys 'lora.client-ranks' = {cfg.lora.client_ranks!r} and 'lora.rank' = {cfg.lora.rank} "
+                          f"are incompatible for strategy={cfg.strategy!r}: client ranks {above} exceed the global "
+                          f"rank lora.rank; raise lora.rank to at least {above[-1]}")
 
 
 def option_sections() -> dict[str, type]:

@@ -7,6 +7,16 @@ from fedlora.adapters.lora import LORA_A, LORA_B
 Shapes = dict[str, tuple[int, ...]]
 
 
+def in_record(record: str, shapes: Shapes) -> Shapes:
+    """``shapes`` as arrays of record ``record`` (names ``<record>/<name>``)."""
+    return {f"{record}/{k}": v for k, v in shapes.items()}
+
+
+def array_name(key: str) -> str:
+    """The array's own name in a contract key (without its ``<record>/``)."""
+    return key.rpartition("/")[2]
+
+
 def lora_dims(adapter: Shapes) -> dict[str, tuple[int, int, int]]:
     """Module prefix -> (d, k, r) of every LoRA pair in an adapter's shapes."""
     return {key[: -len(LORA_A)]: (adapter[key[: -len(LORA_A)] + LORA_B][0], shape[1], shape[0])

@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import torch
-from flwr.app import Context, RecordDict
 
 from fedlora.adapters.lorasb import (
     LORASB_R, gradient_estimate, inject_lorasb, load_lorasb_state, lorasb_factors, lorasb_modules, lorasb_state,
 )
 from fedlora.adapters.state import AdapterState
 from fedlora.adapters.transport import digest, from_record
-from fedlora.client.node_store import NodeStore, run_label
 from fedlora.client.privacy import RoundPlan
-from fedlora.client.role import ClientRole
+from fedlora.client.role import ClientRole, Incoming
 from fedlora.config import RunConfig
 from fedlora.data.tokenize import collate, endless_batches
 from fedlora.losses import loss_per_example
 from fedlora.models.loading import load_base_model
 from fedlora.privacy.dp_gradient import dp_gradient_estimate
-from fedlora.protocol import ARRAYS, CONFIG, FEDSB_TARGETS, LORASB_FACTORS
+from fedlora.protocol import FEDSB_TARGETS, LORASB_FACTORS
 from fedlora.task import load_task
 
 _LORASB_MODELS: dict[tuple, torch.nn.Module] = {}
@@ -40,20 +38,19 @@ def lorasb_model(cfg: RunConfig, frozen: AdapterState, trainable: AdapterState, 
 class OnlyR(ClientRole):
     """Keep the B, A received once (node state); train and upload only R (+ head)."""
 
-    def prepare(self, cfg: RunConfig, content: RecordDict, context: Context, partition_id: int,
-                server_round: int, device: torch.device) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
-        store = NodeStore(context, partition_id, run_label(context, content[CONFIG]))
-        if LORASB_FACTORS in content.array_records:
-            store.put(LORASB_FACTORS, from_record(content[LORASB_FACTORS]))
+    def prepare(self, msg: Incoming) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
+        store = msg.store()
+        if LORASB_FACTORS in msg.content.array_records:
+            store.put(LORASB_FACTORS, from_record(msg.content[LORASB_FACTORS]))
         frozen = store.get(LORASB_FACTORS)
         if frozen is None:
             raise RuntimeError("Fed-SB: this node never received the fixed B/A factors; refusing to train")
-        received = from_record(content[ARRAYS])
-        model = lorasb_model(cfg, frozen, received, device)
+        received = msg.received()
+        model = lorasb_model(msg.cfg, frozen, received, msg.device)
         load_lorasb_state(model, received)
         return model, [p for p in model.parameters() if p.requires_grad]
 
-    def upload(self, model: torch.nn.Module, server_round: int) -> AdapterState:
+    def upload(self, model: torch.nn.Module, msg: Incoming) -> AdapterState:
         return lorasb_state(model)
 
     def setup_steps(self, cfg: RunConfig) -> int:

@@ -9,7 +9,8 @@ import numpy as np
 from fedlora.adapters.lora import PEFT_PREFIX
 from fedlora.adapters.lorasb import LORASB_A, LORASB_B, LORASB_R, lorasb_modules
 from fedlora.adapters.state import AdapterState
-from fedlora.strategies.traffic import Shapes, extras, lora_dims
+from fedlora.protocol import LORASB_FACTORS
+from fedlora.strategies.traffic import Shapes, extras, in_record, lora_dims
 from fedlora.strategies.common import average_uploads, check_same_keys, ideal_factors, relative_error, weighted_sum
 
 
@@ -73,5 +74,5 @@ def traffic(direction: str, server_round: int, adapter: Shapes, clients: int) ->
     for m, (d, k, r) in plain.items():
         out[m + LORASB_R] = (r, r)
         if direction == "down" and server_round == 1:
-            out[m + LORASB_B], out[m + LORASB_A] = (d, r), (r, k)
+            out.update(in_record(LORASB_FACTORS, {m + LORASB_B: (d, r), m + LORASB_A: (r, k)}))
     return out

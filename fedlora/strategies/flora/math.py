@@ -8,7 +8,8 @@ import numpy as np
 
 from fedlora.adapters.lora import LORA_A, LORA_B, lora_modules
 from fedlora.adapters.state import AdapterState
-from fedlora.strategies.traffic import Shapes, at_rank, extras, lora_dims
+from fedlora.protocol import merge_record
+from fedlora.strategies.traffic import Shapes, at_rank, extras, in_record, lora_dims
 from fedlora.strategies.common import check_same_keys, ideal_factors, relative_error
 
 
@@ -28,24 +29,6 @@ def stacked_state(states: Sequence[AdapterState], weights: np.ndarray, scales: S
     for module in lora_modules(states[0]):
         out[module + LORA_B], out[module + LORA_A] = ideal_factors(*_module_factors(states, module), scales, weights,
                                                                    dtype=np.float32)
-    return out
-
-
-def concat_stacks(a: AdapterState, b: AdapterState) -> AdapterState:
-    """Accumulate two stacked updates: ``[B_a B_b]·[A_a; A_b] = B_a A_a + B_b A_b`` per module.
-
-    An empty ``a`` is the empty update (returns ``b``). Both must stack the same modules;
-    tensors that are not LoRA factors are taken from ``b``, the later update.
-    """
-    if not a:
-        return dict(b)
-    modules = lora_modules(b)
-    if lora_modules(a) != modules:
-        raise ValueError("cannot concatenate stacks over different LoRA modules")
-    out = {k: v for k, v in b.items() if not k.endswith((LORA_A, LORA_B))}
-    for m in modules:
-        out[m + LORA_B] = np.concatenate([a[m + LORA_B], b[m + LORA_B]], axis=1)
-        out[m + LORA_A] = np.concatenate([a[m + LORA_A], b[m + LORA_A]], axis=0)
     return out
 
 
@@ -72,4 +55,5 @@ def traffic(direction: str, server_round: int, adapter: Shapes, clients: int) ->
     if server_round == 1:
         return extras(adapter)
     rank = next(iter(lora_dims(adapter).values()))[2]
-    return at_rank(adapter, clients * rank)
+    stack = {k: v for k, v in at_rank(adapter, clients * rank).items() if k.endswith((LORA_A, LORA_B))}
+    return {**extras(adapter), **in_record(merge_record(server_round - 1), stack)}

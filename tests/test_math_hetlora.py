@@ -1,0 +1,74 @@
+"""HetLoRA against its equations in float64: zero-padding, sparsity weights, the padded average, truncation."""
+
+import numpy as np
+import pytest
+
+from fedlora.adapters.lora import LORA_A, LORA_B
+from fedlora.client.role import cut_to_rank
+from fedlora.server.mixed_ranks import at_scale_one
+from fedlora.strategies.common import client_weights
+from fedlora.strategies.hetlora.math import aggregate_hetlora, sparsity_weights, zero_pad
+
+M = "base_model.model.enc.query"
+D, K, ALPHA, R = 12, 9, 16.0, 4
+
+
+def _states(ranks, seed=0):
+    rng = np.random.default_rng(seed)
+    return [{M + LORA_A: rng.standard_normal((r, K)), M + LORA_B: rng.standard_normal((D, r)),
+             "base_model.model.head.weight": rng.standard_normal((3, D))} for r in ranks]
+
+
+def test_zero_padding_keeps_the_client_update():
+    rng = np.random.default_rng(1)
+    B, A = rng.standard_normal((D, 2)), rng.standard_normal((2, K))
+    B_pad, A_pad = zero_pad(B, A, R, ALPHA / 2, ALPHA / R)
+    assert B_pad.shape == (D, R) and A_pad.shape == (R, K) and not A_pad[2:].any() and not B_pad[:, 2:].any()
+    np.testing.assert_allclose((ALPHA / R) * B_pad @ A_pad, (ALPHA / 2) * B @ A, rtol=1e-12)
+    with pytest.raises(ValueError, match="global rank"):
+        zero_pad(rng.standard_normal((D, 5)), rng.standard_normal((5, K)), R, 1.0, 1.0)
+
+
+def test_sparsity_weights_follow_the_update_norms():
+    rng = np.random.default_rng(2)
+    Bs = [rng.standard_normal((D, 2)), 3 * rng.standard_normal((D, 4))]
+    As = [rng.standard_normal((2, K)), rng.standard_normal((4, K))]
+    p, scales = np.array([0.25, 0.75]), [ALPHA / 2, ALPHA / 4]
+    norms = np.array([s * np.linalg.norm(B @ A) for B, A, s in zip(Bs, As, scales)])
+    np.testing.assert_allclose(sparsity_weights(Bs, As, scales, p), p * norms / (p * norms).sum(), rtol=1e-12)
+    zeros = [np.zeros_like(B) for B in Bs]
+    np.testing.assert_array_equal(sparsity_weights(zeros, As, scales, p), p)
+
+
+def test_the_global_adapter_is_the_sparsity_weighted_average_of_the_padded_updates():
+    ranks = [2, 3, 4]
+    states, p = _states(ranks), client_weights([3, 5, 8], "num-examples")
+    scales = [ALPHA / r for r in ranks]
+    out, metrics = aggregate_hetlora(states, p, scales, R, ALPHA / R)
+    Bs, As = [s[M + LORA_B] for s in states], [s[M + LORA_A] for s in states]
+    w = sparsity_weights(Bs, As, scales, p)
+    padded = [zero_pad(B, A, R, s, ALPHA / R) for B, A, s in zip(Bs, As, scales)]
+    B_bar, A_bar = sum(wk * b for wk, (b, _) in zip(w, padded)), sum(wk * a for wk, (_, a) in zip(w, padded))
+    np.testing.assert_allclose(out[M + LORA_B], B_bar, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out[M + LORA_A], A_bar, rtol=1e-5, atol=1e-6)
+    ideal = sum(pk * s * B @ A for pk, s, B, A in zip(p, scales, Bs, As))
+    applied = (ALPHA / R) * out[M + LORA_B].astype(np.float64) @ out[M + LORA_A].astype(np.float64)
+    assert metrics["agg_error"] == pytest.approx(np.linalg.norm(applied - ideal) / np.linalg.norm(ideal), rel=1e-6)
+    assert metrics["agg_error"] > 1e-2, "approximate once clients differ"
+    np.testing.assert_allclose(out["base_model.model.head.weight"], sum(pk * s["base_model.model.head.weight"]
+                                                                        for pk, s in zip(p, states)), rtol=1e-5)
+
+
+def test_one_client_of_a_lower_rank_is_aggregated_exactly():
+    states = _states([2], seed=4)
+    _, metrics = aggregate_hetlora(states, np.array([1.0]), [ALPHA / 2], R, ALPHA / R)
+    assert metrics["agg_error"] < 1e-6
+
+
+def test_a_client_receives_the_first_components_of_the_global_adapter():
+    states, p = _states([4, 4], seed=5), np.array([0.5, 0.5])
+    global_state, _ = aggregate_hetlora(states, p, [ALPHA / R] * 2, R, ALPHA / R)
+    client = cut_to_rank(at_scale_one(global_state, ALPHA / R, 2), 2, ALPHA / 2)
+    held = (ALPHA / 2) * client[M + LORA_B].astype(np.float64) @ client[M + LORA_A].astype(np.float64)
+    first = (ALPHA / R) * global_state[M + LORA_B][:, :2].astype(np.float64) @ global_state[M + LORA_A][:2].astype(np.float64)
+    np.testing.assert_allclose(held, first, rtol=1e-5, atol=1e-5)
