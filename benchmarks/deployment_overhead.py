@@ -1,32 +1,41 @@
-"""Deployment vs simulation: wall time per round of the same small job, run both ways on one machine.
+"""Deployment vs simulation: wall time per warm round of the same job, run three ways on one machine.
 
-Deployment is the secure loopback federation of :mod:`fedlora.deployment.loopback` (SuperLink
-with TLS and SuperNode authentication, two SuperNodes each with its own SuperExec, all on
-127.0.0.1): every message starts a fresh ClientApp process and the SuperNodes poll every
-~3 s. Simulation is ``flwr run`` on an isolated local SuperLink with two virtual nodes
-(:func:`fedlora.runtime.launch.run_simulation`), whose ClientApp process lives across rounds.
-The two runs go one after the other, never overlapping. Per-round time is the ServerApp's
-own ``round_seconds`` (metrics.jsonl: send, local training, replies, aggregation and the
-held-out evaluation); round 1 also pays each runtime's cold start, so the comparison is
-reported for round 1 and for the mean of the later rounds separately. "Whole run" is the
-wall time of ``flwr run`` from submit to finish: for deployment with the federation already
-up; for simulation including the start of its local SuperLink and Ray.
+* **simulation**: ``flwr run`` on an isolated local SuperLink with virtual nodes
+  (:func:`fedlora.runtime.launch.run_simulation`), whose ClientApp process lives across rounds;
+* **deployed, fedlora runners**: the secure loopback federation of
+  :mod:`fedlora.deployment.loopback` (TLS, SuperNode authentication, everything on 127.0.0.1)
+  with fedlora's persistent ServerApp and ClientApp runners;
+* **deployed, Flower SuperExec**: the same federation with Flower's ``flower-superexec``,
+  which starts a fresh ClientApp process (torch import, model load) for every message.
 
-    python benchmarks/deployment_overhead.py [--rounds 4] [--local-steps 3] [--model tiny-bert]
+The runs go one after the other, never overlapping. Per-round time is the ServerApp's own
+``round_seconds`` (send, local training, replies, aggregation, held-out evaluation); round
+1 pays each runtime's cold start, so the table reports the mean of the warm rounds 2..N and
+their overhead over the simulated round. The floor of a deployed round is Flower's polling:
+an idle SuperNode pulls the SuperLink every 3 s and the ServerApp's Grid polls for replies
+every 3 s (``flwr/supernode/start_client_internal.py``, ``flwr/superlink/grid/http_grid.py``),
+so the target is (deployed − simulated) ≤ 3 × 3 s per warm round. "loads" counts the base
+models each site's runner built for the run (from its log; one is the target).
+
+    python -m benchmarks deployment [--models tiny-bert,minilm] [--rounds 4] [--local-steps 3] [--nodes 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
-from fedlora.deployment.loopback import LoopbackFederation
+from benchmarks.common import machine_line, markdown_table
+from fedlora.deployment.loopback import RUNNERS, LoopbackFederation
 from fedlora.runtime.launch import PROJECT_DIR, LaunchResult, run_simulation
+
+#: Flower 1.39's poll interval of an idle SuperNode and of the ServerApp Grid waiting for replies (seconds)
+FLOWER_POLL_SECONDS = 3.0
 
 
 def round_seconds(result: LaunchResult) -> list[float]:
@@ -37,49 +46,64 @@ def round_seconds(result: LaunchResult) -> list[float]:
     return [float(r["round_seconds"]) for r in records if r["round"] > 0]
 
 
-def deployed(job: dict, work: Path) -> tuple[LaunchResult, float]:
+def base_model_loads(federation: LoopbackFederation, run_id: int, nodes: int) -> list[int]:
+    """Base models each site's fedlora runner built for ``run_id`` (from its log)."""
+    loads = []
+    for i in range(1, nodes + 1):
+        log = federation.log(f"supernode-{i}-runner")
+        tasks = re.findall(rf"task (\d+) of run {run_id}:", log)
+        loads.append(sum(int(n) for t in tasks for n in re.findall(rf"task {t} done \(\w+\); base models loaded for it: (\d+)", log)))
+    return loads
+
+
+def deployed(job: dict, work: Path, nodes: int, runner: str) -> tuple[list[float], list[int] | None]:
     certs = work / "certs"
-    subprocess.run([str(PROJECT_DIR / "deploy" / "make_certs.sh"), "--out", str(certs), "--nodes", "2"], check=True,
-                   capture_output=True, timeout=120)
-    with LoopbackFederation(work / "loopback", certs) as federation:
-        node_ids = {federation.register(1), federation.register(2)}
-        for index in (1, 2):
-            federation.start_supernode(f"supernode-{index}", {"partition-id": index - 1, "num-partitions": 2},
-                                       key_index=index)
+    if not certs.exists():
+        subprocess.run([str(PROJECT_DIR / "deploy" / "make_certs.sh"), "--out", str(certs), "--nodes", str(nodes)],
+                       check=True, capture_output=True, timeout=120)
+    with LoopbackFederation(work / f"loopback-{runner}", certs, runner=runner) as federation:
+        node_ids = {federation.register(i) for i in range(1, nodes + 1)}
+        for i in range(1, nodes + 1):
+            federation.start_supernode(f"supernode-{i}", {"partition-id": i - 1, "num-partitions": nodes}, key_index=i)
         federation.wait_online(node_ids)
-        start = time.monotonic()
-        result = federation.run({**job, "output-dir": str(work / "deployed")}, timeout=1800)
-        return result, time.monotonic() - start
-
-
-def simulated(job: dict, work: Path) -> tuple[LaunchResult, float]:
-    start = time.monotonic()
-    result = run_simulation({**job, "output-dir": str(work / "simulated")}, num_supernodes=2, echo=False, timeout=1800)
-    return result, time.monotonic() - start
+        result = federation.run({**job, "output-dir": str(work / f"deployed-{runner}")}, timeout=3600)
+        seconds = round_seconds(result)
+        loads = base_model_loads(federation, result.run_id, nodes) if runner == "fedlora" else None
+    return seconds, loads
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="tiny-bert,minilm", help="model.name values (default tiny-bert,minilm)")
     parser.add_argument("--rounds", type=int, default=4, help="server rounds (default 4; at least 2)")
     parser.add_argument("--local-steps", type=int, default=3, help="local steps per client per round (default 3)")
-    parser.add_argument("--model", default="tiny-bert", help="model.name (default tiny-bert)")
+    parser.add_argument("--nodes", type=int, default=2, help="sites (default 2)")
+    parser.add_argument("--runners", default=",".join(RUNNERS), help=f"deployed runners to measure (default {','.join(RUNNERS)})")
     args = parser.parse_args(argv)
     if args.rounds < 2:
         parser.error("--rounds must be at least 2 (round 1 includes cold start)")
-    job = {"model.name": args.model, "num-server-rounds": args.rounds, "local-steps": args.local_steps,
-           "batch-size": 8, "dataset.max-length": 32}
+    print(f"start: {machine_line()}", flush=True)
+    rows = []
     with tempfile.TemporaryDirectory(prefix="fedlora-deploy-bench-") as tmp:
-        dep_result, dep_total = deployed(job, Path(tmp))
-        sim_result, sim_total = simulated(job, Path(tmp))
-        dep, sim = round_seconds(dep_result), round_seconds(sim_result)
-    print(f"job: {json.dumps(job)}, 2 nodes")
-    print("| round | deployment (s) | simulation (s) | ratio |")
-    print("|------:|---------------:|---------------:|------:|")
-    for i, (d, s) in enumerate(zip(dep, sim), start=1):
-        print(f"| {i} | {d:.2f} | {s:.2f} | {d / s:.1f}x |")
-    dep_later, sim_later = statistics.mean(dep[1:]), statistics.mean(sim[1:])
-    print(f"| mean of rounds 2..{args.rounds} | {dep_later:.2f} | {sim_later:.2f} | {dep_later / sim_later:.1f}x |")
-    print(f"| whole run (submit to finish) | {dep_total:.1f} | {sim_total:.1f} | {dep_total / sim_total:.1f}x |")
+        for model in args.models.split(","):
+            job = {"model.name": model, "num-server-rounds": args.rounds, "local-steps": args.local_steps,
+                   "batch-size": 8, "dataset.max-length": 32}
+            work = Path(tmp) / model
+            sim = round_seconds(run_simulation({**job, "output-dir": str(work / "simulated")}, num_supernodes=args.nodes,
+                                               echo=False, timeout=3600))
+            sim_warm = statistics.mean(sim[1:])
+            rows.append([model, "simulation", f"{sim[0]:.2f}", f"{sim_warm:.2f}", "-", "-", "-"])
+            for runner in args.runners.split(","):
+                dep, loads = deployed(job, work, args.nodes, runner)
+                warm = statistics.mean(dep[1:])
+                rows.append([model, f"deployed, {runner}", f"{dep[0]:.2f}", f"{warm:.2f}", f"{warm - sim_warm:.2f}",
+                             f"{warm / sim_warm:.1f}x", "-" if loads is None else ", ".join(map(str, loads))])
+                print(f"{model} {runner}: rounds {[round(s, 2) for s in dep]}", flush=True)
+    print(f"{args.nodes} sites, {args.rounds} rounds × {args.local_steps} local steps, batch 8 × 32 tokens; "
+          f"target: warm overhead ≤ 3 × {FLOWER_POLL_SECONDS:g} s = {3 * FLOWER_POLL_SECONDS:g} s")
+    print(markdown_table(["model", "runtime", "round 1 (s)", f"warm rounds 2..{args.rounds} (s)",
+                          "overhead vs simulation (s)", "ratio", "base model loads per site"], rows))
+    print(f"end: {machine_line()}")
 
 
 if __name__ == "__main__":

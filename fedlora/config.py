@@ -149,6 +149,10 @@ class FaultsConfig:
 @dataclass(frozen=True)
 class ValidationConfig:
     max_rms: float = knob(10.0, positive, "largest root-mean-square value of any uploaded tensor; replies above it are rejected")
+    max_share: float = knob(0.5, unit_fraction, "largest weight p_k of any one client in an average (the excess goes "
+                                                "to the others; 1 = no cap)")
+    max_norm_ratio: float = knob(5.0, non_negative, "largest norm of a client's update, as a multiple of the other "
+                                                    "clients' median; larger ones are scaled down to it (0 = no bound)")
 
 
 @dataclass(frozen=True)

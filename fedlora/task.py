@@ -9,13 +9,13 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, Mapping
 
 import datasets
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
+from fedlora.process_cache import process_cache
 from fedlora.adapters.lora import adapter_state, cached_lora_model, inject_lora
 from fedlora.config import DatasetConfig, LoraConfig, PartitionConfig, RunConfig
 from fedlora.data.partition import check_partition_id, partition_indices
@@ -53,7 +53,7 @@ def load_task(cfg: RunConfig) -> Task:
     return _load_task(cfg.dataset, cfg.seed, cfg.model.name)
 
 
-@lru_cache(maxsize=2)
+@process_cache(maxsize=2)
 def _load_task(dataset: DatasetConfig, seed: int, model_name: str) -> Task:
     data = load_task_data(dataset, seed)
     check_model_task(model_name, data.task)
@@ -83,7 +83,7 @@ def partition_rows(cfg: RunConfig, partition_id: int, num_partitions: int) -> li
     return _partition_rows(cfg.dataset, cfg.seed, cfg.model.name, cfg.partition, partition_id, num_partitions)
 
 
-@lru_cache(maxsize=4)
+@process_cache(maxsize=4)
 def _partition_table(dataset: DatasetConfig, seed: int, model_name: str, partition: PartitionConfig,
                      num_partitions: int) -> tuple[tuple[int, ...], ...]:
     """Row indices of every partition, computed once per process and partitioning (not once per client)."""
@@ -91,7 +91,7 @@ def _partition_table(dataset: DatasetConfig, seed: int, model_name: str, partiti
     return tuple(tuple(rows) for rows in partition_indices(task.data.train, partition, num_partitions, seed))
 
 
-@lru_cache(maxsize=16)
+@process_cache(maxsize=16)
 def _partition_rows(dataset: DatasetConfig, seed: int, model_name: str, partition: PartitionConfig,
                     partition_id: int, num_partitions: int) -> list[dict]:
     check_partition_id(partition_id, num_partitions)
@@ -109,7 +109,7 @@ def site_rows(cfg: RunConfig, data_path: str) -> list[dict]:
     return _site_rows(cfg.dataset, cfg.seed, cfg.model.name, data_path)
 
 
-@lru_cache(maxsize=4)
+@process_cache(maxsize=4)
 def _site_rows(dataset: DatasetConfig, seed: int, model_name: str, data_path: str) -> list[dict]:
     task = _load_task(dataset, seed, model_name)
     site = load_site_data(dataset, data_path, task.kind, task.data.labels)
@@ -163,7 +163,7 @@ def heldout_rows(cfg: RunConfig) -> list[dict]:
     return _heldout_rows(cfg.dataset, cfg.seed, cfg.model.name)
 
 
-@lru_cache(maxsize=2)
+@process_cache(maxsize=2)
 def _heldout_rows(dataset: DatasetConfig, seed: int, model_name: str) -> list[dict]:
     task = _load_task(dataset, seed, model_name)
     return task.encode(task.data.heldout, dataset.max_length)

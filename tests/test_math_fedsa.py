@@ -15,6 +15,7 @@ from fedlora.client.role import Incoming
 from fedlora.protocol import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, PARTITION_ID, RUN_KEY, SERVER_ROUND
 from fedlora.run_config import load_config
 from fedlora.runtime.inprocess import InProcessGrid, run_inprocess
+from fedlora.server.influence import capped_shares
 from fedlora.server.round import ClientUpdate, Round
 from fedlora.strategies.common import client_weights, weighted_sum
 from fedlora.strategies.fedsa.client import OwnB, PersonalB
@@ -221,7 +222,7 @@ def test_a_run_keeps_b_per_client_evaluates_them_personalised_and_improves(tmp_p
     assert any(not np.allclose(stored[0][k], stored[1][k]) for k in own_part(last[0][1])), "B stays per client"
 
     final = load_file(str(out / "final_adapter" / "adapter_model.safetensors"))
-    p = client_weights([n for _, _, n in last], "num-examples")
+    p = capped_shares(client_weights([n for _, _, n in last], "num-examples"), RUN.get("validation.max-share", 0.5))
     for key in own_part(last[0][1]):
         np.testing.assert_allclose(final[key], weighted_sum([u[key] for _, u, _ in last], p), rtol=1e-6, atol=1e-7,
                                    err_msg="the final adapter's B is B̄")

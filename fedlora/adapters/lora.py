@@ -10,7 +10,6 @@ A (r×k) and B (d×r).
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import lru_cache
 
 import numpy as np
 import peft
@@ -20,6 +19,7 @@ from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_
 from fedlora.adapters.state import AdapterState
 from fedlora.config import LoraConfig
 from fedlora.models.loading import load_base_model
+from fedlora.process_cache import process_cache
 
 LORA_A = ".lora_A.weight"
 #: prefix of every state name of a PeftModel around a plain model (LoRA-SB state names carry none)
@@ -48,7 +48,7 @@ def inject_lora(model: torch.nn.Module, cfg: LoraConfig, task: str, seed: int) -
             raise ValueError(f"lora.targets={cfg.targets!r} does not fit this model: {err}") from err
 
 
-@lru_cache(maxsize=6)
+@process_cache(maxsize=6)
 def cached_lora_model(model_name: str, task: str, num_labels: int, cfg: LoraConfig, seed: int, device: str,
                       variant: str = "shared") -> PeftModel:
     """The adapted model for this process, built once and reused across rounds.

@@ -36,6 +36,11 @@ from fedlora.task import client_eval_rows, client_rows, load_task
 app = ClientApp()
 
 
+def node_device(cfg: RunConfig, context: Context) -> torch.device:
+    """The device this node trains on: its node config's ``device`` (a site's own choice), else the run's."""
+    return pick_device(str(context.node_config.get("device", cfg.device)))
+
+
 def client_role(strategy: str) -> ClientRole:
     """The registered client part of ``strategy``."""
     return spec_of(strategy).client_role()
@@ -75,7 +80,7 @@ def train(msg: Message, context: Context) -> Message:
     node whose budget would be exceeded replies with a refusal instead.
     """
     cfg = load_config(context.run_config)
-    device = pick_device(cfg.device)
+    device = node_device(cfg, context)
     rows, partition_id = client_rows(cfg, context.node_config)
     config = msg.content[CONFIG]
     run = run_label(context, config)
@@ -121,7 +126,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global state (as the strategy's client part prepares it: a personalised
     model for FedSA-LoRA) on this node's local evaluation rows (``dataset.local-eval-fraction``)."""
     cfg = load_config(context.run_config)
-    device = pick_device(cfg.device)
+    device = node_device(cfg, context)
     rows, partition_id = client_eval_rows(cfg, context.node_config)
     server_round = int(msg.content[CONFIG][SERVER_ROUND])
     model = client_role(cfg.strategy).prepare_evaluation(Incoming(cfg, msg.content, context, partition_id, server_round,

@@ -21,7 +21,6 @@ import dataclasses
 import random
 import re
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import datasets
@@ -29,6 +28,7 @@ import datasets
 datasets.disable_progress_bars()
 
 from fedlora.config import ConfigError, DatasetConfig
+from fedlora.process_cache import process_cache
 from fedlora.data import chatterbot
 
 CLASSIFICATION = "classification"
@@ -184,7 +184,7 @@ def load_site_data(cfg: DatasetConfig, path: str, task: str, labels: tuple[str, 
     return data.map(lambda row: {"label": index[row["topic"]]})
 
 
-@lru_cache(maxsize=4)
+@process_cache(maxsize=4)
 def load_task_data(cfg: DatasetConfig, seed: int) -> TaskData:
     """Load, normalise and split the configured dataset (cached per process).
 

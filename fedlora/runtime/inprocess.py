@@ -84,15 +84,18 @@ class InProcessGrid(Grid):
         return self.pull_messages(self.push_messages(messages))
 
 
-def run_inprocess(overrides: dict[str, Any] | None = None, num_nodes: int = 2) -> None:
+def run_inprocess(overrides: dict[str, Any] | None = None, num_nodes: int = 2, client_app: ClientApp | None = None) -> None:
     """Run the fedlora ServerApp's main against an :class:`InProcessGrid` of ``num_nodes`` clients.
 
-    Every call is a new run with a random 62-bit run id (as Flower's are), so per-run client
-    caches and per-run node state files never collide across calls or processes.
+    ``client_app`` replaces fedlora's ClientApp (any callable ``(message, context) -> reply``:
+    studies of misbehaving clients). Every call is a new run with a random 62-bit run id (as
+    Flower's are), so per-run client caches and per-run node state files never collide.
     """
     run_id = secrets.randbits(62)
-    from fedlora.client.app import app as client_app
+    from fedlora.client.app import app as fedlora_client_app
     from fedlora.server.app import main
+
+    client_app = client_app or fedlora_client_app
 
     run_config = {**full_defaults(), **(overrides or {})}
     TaskIdentity.run_id = run_id

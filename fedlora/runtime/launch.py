@@ -33,6 +33,8 @@ class LaunchResult:
     status: str
     run_dir: Path | None
     output: str
+    #: the run's status details (why it failed), from ``flwr ls``
+    details: str = ""
 
     @property
     def ok(self) -> bool:
@@ -106,14 +108,15 @@ def stop_superlink(flwr_home: Path, grace: float = 10.0) -> None:
                 break
 
 
-def run_status(run_id: int, env: dict[str, str], project_dir: Path) -> str:
+def run_status(run_id: int, env: dict[str, str], project_dir: Path) -> tuple[str, str]:
+    """The run's real status (``finished:completed`` …) and its status details, from ``flwr ls``."""
     out = subprocess.run(["flwr", "ls", "--run-id", str(run_id), "--format", "json"], env=env, cwd=project_dir,
                          capture_output=True, text=True, timeout=120)
     try:
         runs = json.loads(out.stdout).get("runs", [])
     except json.JSONDecodeError:
-        return f"unknown ({out.stdout.strip()[-200:]} {out.stderr.strip()[-200:]})"
-    return runs[0]["status"] if runs else "unknown (run not listed)"
+        return f"unknown ({out.stdout.strip()[-200:]} {out.stderr.strip()[-200:]})", ""
+    return (runs[0]["status"], runs[0].get("status-details", "")) if runs else ("unknown (run not listed)", "")
 
 
 def run_simulation(overrides: dict[str, Any] | None = None, *, num_supernodes: int = 2, cpus_per_client: int = 2,
@@ -144,13 +147,14 @@ def run_simulation(overrides: dict[str, Any] | None = None, *, num_supernodes: i
         output = "".join(lines)
         match = re.search(r"Successfully started run (\d+)", output)
         run_id = int(match.group(1)) if match else None
-        status = run_status(run_id, env, project_dir) if run_id is not None else "not started"
+        status, details = run_status(run_id, env, project_dir) if run_id is not None else ("not started", "")
     finally:
         stop_superlink(flwr_home)
         if own_home:
             shutil.rmtree(flwr_home, ignore_errors=True)
     dirs = re.findall(r"\[fedlora\] run directory: (\S+)", output)
-    return LaunchResult(run_id=run_id, status=status, run_dir=Path(dirs[-1]) if dirs else None, output=output)
+    return LaunchResult(run_id=run_id, status=status, run_dir=Path(dirs[-1]) if dirs else None, output=output,
+                        details=details)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,6 +41,8 @@ class Round:
     destinations: dict[str, int] = field(default_factory=dict)
     updates: list[ClientUpdate] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
+    #: updates that entered the round bounded, and why (see :mod:`fedlora.server.influence`)
+    clipped: list[str] = field(default_factory=list)
     #: cumulative ε that refusing clients reported (they count in the round's privacy metrics)
     refused_epsilons: list[float] = field(default_factory=list)
     bytes_up: int = 0

@@ -32,7 +32,9 @@ from fedlora.config import RunConfig
 from fedlora.protocol import (
     ARRAYS, CONFIG, EPSILON, METRICS, PARTITION_ID, REFUSED, RUN_KEY, SERVER_ROUND, SIMULATED_DELAY, STATUS, TRAIN_LOSS,
 )
+from fedlora.adapters.state import AdapterState
 from fedlora.server.checkpoint import Checkpoint, write_checkpoint
+from fedlora.server.influence import capped_shares, norm_ratios, scaled_update, update_norm
 from fedlora.server.report import RoundReporter
 from fedlora.server.round import ClientUpdate, Round
 from fedlora.server.strategy import ServerStrategy
@@ -40,6 +42,8 @@ from fedlora.server.validation import InvalidUpdate, Shapes, num_examples_of, va
 from fedlora.strategies.common import client_weights
 
 Expected = Callable[[ClientUpdate], Shapes]
+#: seconds between pulls for the replies of a round (Flower's Grid.send_and_receive waits 3 s between pulls)
+REPLY_POLL_SECONDS = 0.25
 
 
 class RoundLoop:
@@ -98,9 +102,26 @@ class RoundLoop:
             content = RecordDict({**records, CONFIG: ConfigRecord(dict(config))})
             messages.append(Message(content=content, message_type=message_type, dst_node_id=node))
         sent = Round(number, nodes, self.num_nodes, total, time.monotonic())
-        replies = list(grid.send_and_receive(messages, timeout=self.cfg.round_timeout)) if messages else []
+        replies = self.exchange(grid, messages)
         sent.destinations = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
         return sent, replies
+
+    def exchange(self, grid: Grid, messages: list[Message]) -> list[Message]:
+        """Push ``messages`` and pull their replies every :data:`REPLY_POLL_SECONDS` until all came or round-timeout."""
+        if not messages:
+            return []
+        pending = dict.fromkeys(grid.push_messages(messages))  # an ordered set: pulls in push order
+        deadline = time.monotonic() + self.cfg.round_timeout
+        replies: list[Message] = []
+        while pending:
+            arrived = list(grid.pull_messages(list(pending)))
+            replies += arrived
+            for reply in arrived:
+                pending.pop(reply.metadata.reply_to_message_id, None)
+            if not pending or time.monotonic() >= deadline:
+                break
+            time.sleep(REPLY_POLL_SECONDS)
+        return replies
 
     def _lateness(self, sent: Round, reply: Message) -> str | None:
         """Why a reply counts as late: it reports a simulated delay that puts it past round-timeout."""
@@ -127,7 +148,8 @@ class RoundLoop:
         return update
 
     def collect(self, sent: Round, replies: Iterable[Message], expected: Expected) -> Round:
-        """Fill ``sent`` with the valid updates (in a fixed order), their bytes and every failure."""
+        """Fill ``sent`` with the valid updates, their bytes and every failure, in node order (not arrival order)."""
+        replies = sorted(replies, key=sent.node_of)
         for reply in replies:
             node = sent.node_of(reply)
             if reply.has_error():
@@ -157,8 +179,25 @@ class RoundLoop:
                           for n in sorted(set(sent.destinations.values()) - answered)]
         return sent
 
-    def weights(self, updates: list[ClientUpdate]) -> np.ndarray:
-        return client_weights([u.num_examples for u in updates], self.cfg.weighting)
+    def bounded_weights(self, done: Round, reference: AdapterState) -> np.ndarray:
+        """Bound the round's updates (norm relative to the others', share cap), noting each bound in ``done.clipped``;
+        the weights p_k of ``done.updates`` after the cap (:mod:`fedlora.server.influence`)."""
+        bounds = self.cfg.validation
+        if bounds.max_norm_ratio > 0 and len(done.updates) > 1:
+            norms = [update_norm(u.state, reference) for u in done.updates]
+            for update, norm, ratio in zip(done.updates, norms, norm_ratios(norms)):
+                if ratio > bounds.max_norm_ratio:
+                    update.state = scaled_update(update.state, reference, bounds.max_norm_ratio / ratio)
+                    done.clipped.append(f"node {update.node_id} (partition {update.partition_id}): update norm {norm:.3g} "
+                                        f"is {ratio:.3g}× the other clients' median; scaled down to "
+                                        f"validation.max-norm-ratio = {bounds.max_norm_ratio:g}×")
+        weights = client_weights([u.num_examples for u in done.updates], self.cfg.weighting)
+        capped = capped_shares(weights, bounds.max_share)
+        for update, before, after in zip(done.updates, weights, capped):
+            if after < before - 1e-12:
+                done.clipped.append(f"node {update.node_id} (partition {update.partition_id}): weight {before:.3g} capped "
+                                    f"at {after:.3g} (validation.max-share = {bounds.max_share:g})")
+        return capped
 
     # ----- round 0 and a training round ---------------------------------------------------
     def setup(self, grid: Grid) -> dict[str, float]:
@@ -172,9 +211,10 @@ class RoundLoop:
         if not done.updates:
             raise RuntimeError(f"the setup phase of strategy {self.cfg.strategy!r} received no valid reply "
                                f"({'; '.join(done.rejected) or 'no node connected'})")
-        average, release = self.strategy.setup_average(done, self.weights(done.updates))
+        average, release = self.strategy.setup_average(done, self.bounded_weights(done, {}))
         self.strategy.finish_setup(average)
-        return {**{k: v for k, v in done.metrics().items() if k != "num_sampled"}, **release}
+        metrics = {k: v for k, v in done.metrics().items() if k != "num_sampled"}
+        return {**metrics, **release, **({"clipped": done.clipped} if done.clipped else {})}
 
     def train_round(self, grid: Grid, number: int) -> dict[str, Any]:
         """Send, collect, aggregate one training round; its record (without evaluation)."""
@@ -191,7 +231,9 @@ class RoundLoop:
             log(WARNING, "round %d skipped, global state unchanged: %s", number, record["skipped"])
             self.strategy.skipped(number)
             return record
-        weights = self.weights(done.updates)
+        weights = self.bounded_weights(done, self.strategy.state)
+        if done.clipped:
+            record["clipped"] = done.clipped
         self.strategy.state, extra = self.strategy.aggregate(done, weights)
         record.update(extra)
         record[TRAIN_LOSS] = float(sum(p * u.metrics.get(TRAIN_LOSS, 0.0) for p, u in zip(weights, done.updates)))

@@ -16,10 +16,12 @@ from fedlora.data.tokenize import collate, endless_batches
 from fedlora.losses import loss_per_example
 from fedlora.models.loading import load_base_model
 from fedlora.privacy.dp_gradient import dp_gradient_estimate
+from fedlora.process_cache import on_clear
 from fedlora.protocol import FEDSB_TARGETS, LORASB_FACTORS
 from fedlora.task import load_task
 
 _LORASB_MODELS: dict[tuple, torch.nn.Module] = {}
+on_clear(_LORASB_MODELS.clear)
 
 
 def lorasb_model(cfg: RunConfig, frozen: AdapterState, trainable: AdapterState, device: torch.device) -> torch.nn.Module:

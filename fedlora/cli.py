@@ -1,0 +1,148 @@
+"""The ``fedlora`` command: ``fedlora <command> --help`` for each.
+
+Deployment:
+
+* ``fedlora site``              — a site in one command: its ``flower-supernode`` and its persistent
+                                  ClientApp runner, stopped together (Ctrl-C / SIGTERM);
+* ``fedlora clientapp-runner``  — the persistent ClientApp runner alone, attached to a running
+                                  SuperNode's Runtime API (what a site's container runs);
+* ``fedlora serverapp-runner``  — the persistent ServerApp runner, attached to the SuperLink's
+                                  Runtime API.
+
+The runners serve only the installed fedlora (:mod:`fedlora.runtime.app_identity`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from fedlora.deployment.commands import LOOPBACK, supernode_args
+
+DEFAULT_NODE_RUNTIME_PORT = 9094
+
+
+def _read(path: str | None) -> bytes | None:
+    """The file's exact bytes (how Flower reads certificates and the SuperExec secret), or None without a path."""
+    return Path(path).expanduser().read_bytes() if path else None
+
+
+def _link_args(parser: argparse.ArgumentParser, default_address: str | None) -> None:
+    parser.add_argument("--runtime-api-address", required=default_address is None, default=default_address,
+                        help="the Runtime API to serve tasks from (HOST:PORT)")
+    parser.add_argument("--root-certificates", help="CA certificate that signs the Runtime API's TLS certificate")
+    parser.add_argument("--superexec-auth-secret-file",
+                        help="file holding the secret the SuperLink or SuperNode was started with "
+                             "(--superexec-auth-secret-file there); without it, tasks are acquired unsigned")
+    parser.add_argument("--poll-interval", type=float, default=None, help="seconds between task polls (default 0.25)")
+
+
+def _device_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", help="the site's device for every run it serves (cpu, cuda, cuda:N); "
+                                         "default: the run's `device` key")
+
+
+def _link(args: argparse.Namespace):
+    from fedlora.runtime.runner import RuntimeLink
+
+    return RuntimeLink(args.runtime_api_address, _read(args.root_certificates), _read(args.superexec_auth_secret_file))
+
+
+def _poll(args: argparse.Namespace) -> dict:
+    return {"poll_interval": args.poll_interval} if args.poll_interval else {}
+
+
+def clientapp_runner(args: argparse.Namespace) -> int:
+    from flwr.supercore.constant import TaskType
+
+    from fedlora.runtime.clientapp_runner import COMPONENT, ClientAppRunner
+    from fedlora.runtime.runner import run_loop
+
+    runner = ClientAppRunner(_link(args), device=args.device)
+    run_loop(runner.link, TaskType.CLIENT_APP, runner.serve, COMPONENT, **_poll(args))
+    return 0
+
+
+def serverapp_runner(args: argparse.Namespace) -> int:
+    from flwr.supercore.constant import TaskType
+
+    from fedlora.runtime.runner import run_loop
+    from fedlora.runtime.serverapp_runner import COMPONENT, ServerAppRunner
+
+    runner = ServerAppRunner(_link(args))
+    run_loop(runner.link, TaskType.SERVER_APP, runner.serve, COMPONENT, **_poll(args))
+    return 0
+
+
+def site(args: argparse.Namespace) -> int:
+    """Start the SuperNode as a child process, serve its ClientApp tasks here; stop both together."""
+    from fedlora.deployment.commands import SiteCredentials, parse_node_config
+
+    credentials = None if args.insecure else SiteCredentials(args.root_certificates, args.auth_supernode_private_key)
+    supernode = supernode_args(superlink=args.superlink, host=LOOPBACK, port=args.runtime_port,
+                               node_config=parse_node_config(args.node_config), credentials=credentials,
+                               max_retries=args.max_retries)
+    child = subprocess.Popen(["flower-supernode", *supernode], start_new_session=True)
+    args.runtime_api_address = f"{LOOPBACK}:{args.runtime_port}"
+    args.root_certificates = None
+    try:
+        return clientapp_runner(args)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            if child.poll() is not None:
+                break
+            os.killpg(child.pid, sig)
+            try:
+                child.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                continue
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedlora", description="Federated LoRA fine-tuning on Flower.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    runner = commands.add_parser("clientapp-runner", help="serve a SuperNode's ClientApp tasks in one persistent process",
+                                 description="The persistent ClientApp runner of one site (attach to its SuperNode).")
+    _link_args(runner, f"{LOOPBACK}:{DEFAULT_NODE_RUNTIME_PORT}")
+    _device_arg(runner)
+    runner.set_defaults(handler=clientapp_runner)
+
+    server = commands.add_parser("serverapp-runner", help="serve the SuperLink's ServerApp tasks in one persistent process",
+                                 description="The persistent ServerApp runner (attach to the SuperLink's Runtime API).")
+    _link_args(server, None)
+    server.set_defaults(handler=serverapp_runner)
+
+    one = commands.add_parser("site", help="start a site: its SuperNode and its persistent ClientApp runner",
+                              description="A site in one command: flower-supernode (TLS + node key) and the runner.")
+    one.add_argument("--superlink", required=True, help="the SuperLink's Fleet API, HOST:9092")
+    one.add_argument("--root-certificates", help="the federation's CA certificate (ca.crt)")
+    one.add_argument("--auth-supernode-private-key", help="this site's private key (supernode-<i>)")
+    one.add_argument("--insecure", action="store_true", help="no TLS, no node key: development only")
+    one.add_argument("--node-config", default="", help="e.g. 'data-path=\"/data/site.jsonl\" state-dir=\"/var/lib/fedlora\"'")
+    one.add_argument("--runtime-port", type=int, default=DEFAULT_NODE_RUNTIME_PORT,
+                     help="the SuperNode's Runtime API port on 127.0.0.1 (default 9094)")
+    one.add_argument("--max-retries", type=int, default=None, help="SuperNode reconnection attempts (default: forever)")
+    one.add_argument("--superexec-auth-secret-file", help="secret shared by this SuperNode and its runner")
+    one.add_argument("--poll-interval", type=float, default=None, help="seconds between task polls (default 0.25)")
+    _device_arg(one)
+    one.set_defaults(handler=site)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "site" and not args.insecure and not (args.root_certificates and args.auth_supernode_private_key):
+        print("fedlora site: give --root-certificates and --auth-supernode-private-key (or --insecure for development)",
+              file=sys.stderr)
+        return 2
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""A foreign app that leaves markers wherever its code runs."""
