@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create the credentials of a secure fedlora deployment (TLS + SuperNode authentication).
+# Create the credentials of a secure fedlora deployment (TLS + SuperNode authentication + SuperExec secrets).
 #
 # Usage: deploy/make_certs.sh [--out DIR] [--nodes N] [--san NAME_OR_IP ...] [--days D] [--force]
 #
@@ -19,6 +19,11 @@
 #   supernode-<i>, supernode-<i>.pub   OpenSSH ECDSA P-384 key pairs, i = 1..N; the private key
 #                                  stays on site i, the .pub is registered with
 #                                  `flwr supernode register DIR/supernode-<i>.pub <connection>`
+#   superlink.secret               the SuperExec secret shared by the SuperLink and its ServerApp runner
+#                                  (--superexec-auth-secret-file on both); stays on the SuperLink host
+#   supernode-<i>.secret           the SuperExec secret shared by SuperNode i and its ClientApp runner;
+#                                  stays on site i
+# Private keys and secrets are written with mode 600 (owner only), the rest 644.
 # Needs: openssl, ssh-keygen.
 set -euo pipefail
 
@@ -51,7 +56,7 @@ if [[ $force -eq 0 ]] && { [[ -e "$out/ca.crt" ]] || compgen -G "$out/supernode-
   echo "make_certs.sh: $out already holds credentials; pass --force to replace them" >&2
   exit 1
 fi
-rm -f "$out"/ca.* "$out"/server.* "$out"/supernode-*
+rm -f "$out"/ca.* "$out"/server.* "$out"/supernode-* "$out"/superlink.secret
 
 alt_names=""
 dns_i=0
@@ -93,7 +98,12 @@ openssl x509 -req -in "$out/server.csr" -CA "$out/ca.crt" -CAkey "$out/ca.key" -
 for ((i = 1; i <= nodes; i++)); do
   ssh-keygen -q -t ecdsa -b 384 -N "" -C "fedlora-supernode-$i" -f "$out/supernode-$i"
 done
+# 32 random bytes, hex, no newline: Flower reads a secret file as exact raw bytes
+openssl rand -hex 32 | tr -d '\n' >"$out/superlink.secret"
+for ((i = 1; i <= nodes; i++)); do openssl rand -hex 32 | tr -d '\n' >"$out/supernode-$i.secret"; done
+chmod 600 "$out/ca.key" "$out/server.key" "$out/superlink.secret"
+for ((i = 1; i <= nodes; i++)); do chmod 600 "$out/supernode-$i" "$out/supernode-$i.secret"; done
 chmod 644 "$out/ca.crt" "$out/server.pem"
 for ((i = 1; i <= nodes; i++)); do chmod 644 "$out/supernode-$i.pub"; done
 
-echo "make_certs.sh: wrote CA, SuperLink certificate (SANs: ${unique[*]}) and $nodes SuperNode key pair(s) to $out"
+echo "make_certs.sh: wrote CA, SuperLink certificate (SANs: ${unique[*]}), $nodes SuperNode key pair(s) and the SuperExec secrets to $out"

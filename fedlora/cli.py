@@ -40,6 +40,8 @@ def _link_args(parser: argparse.ArgumentParser, default_address: str | None) -> 
                         help="file holding the secret the SuperLink or SuperNode was started with "
                              "(--superexec-auth-secret-file there); without it, tasks are acquired unsigned")
     parser.add_argument("--poll-interval", type=float, default=None, help="seconds between task polls (default 0.25)")
+    parser.add_argument("--health-server-address", help="serve gRPC health checks at HOST:PORT (no TLS; for "
+                                                       "container healthchecks)")
 
 
 def _device_arg(parser: argparse.ArgumentParser) -> None:
@@ -53,8 +55,9 @@ def _link(args: argparse.Namespace):
     return RuntimeLink(args.runtime_api_address, _read(args.root_certificates), _read(args.superexec_auth_secret_file))
 
 
-def _poll(args: argparse.Namespace) -> dict:
-    return {"poll_interval": args.poll_interval} if args.poll_interval else {}
+def _loop_options(args: argparse.Namespace) -> dict:
+    return {**({"poll_interval": args.poll_interval} if args.poll_interval else {}),
+            "health_address": getattr(args, "health_server_address", None)}
 
 
 def clientapp_runner(args: argparse.Namespace) -> int:
@@ -64,7 +67,7 @@ def clientapp_runner(args: argparse.Namespace) -> int:
     from fedlora.runtime.runner import run_loop
 
     runner = ClientAppRunner(_link(args), device=args.device)
-    run_loop(runner.link, TaskType.CLIENT_APP, runner.serve, COMPONENT, **_poll(args))
+    run_loop(runner.link, TaskType.CLIENT_APP, runner.serve, COMPONENT, **_loop_options(args))
     return 0
 
 
@@ -75,7 +78,7 @@ def serverapp_runner(args: argparse.Namespace) -> int:
     from fedlora.runtime.serverapp_runner import COMPONENT, ServerAppRunner
 
     runner = ServerAppRunner(_link(args))
-    run_loop(runner.link, TaskType.SERVER_APP, runner.serve, COMPONENT, **_poll(args))
+    run_loop(runner.link, TaskType.SERVER_APP, runner.serve, COMPONENT, **_loop_options(args))
     return 0
 
 
@@ -83,7 +86,8 @@ def site(args: argparse.Namespace) -> int:
     """Start the SuperNode as a child process, serve its ClientApp tasks here; stop both together."""
     from fedlora.deployment.commands import SiteCredentials, parse_node_config
 
-    credentials = None if args.insecure else SiteCredentials(args.root_certificates, args.auth_supernode_private_key)
+    credentials = None if args.insecure else SiteCredentials(args.root_certificates, args.auth_supernode_private_key,
+                                                             args.superexec_auth_secret_file)
     supernode = supernode_args(superlink=args.superlink, host=LOOPBACK, port=args.runtime_port,
                                node_config=parse_node_config(args.node_config), credentials=credentials,
                                max_retries=args.max_retries)
@@ -101,6 +105,14 @@ def site(args: argparse.Namespace) -> int:
                 child.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 continue
+
+
+def register_sites(args: argparse.Namespace) -> int:
+    from fedlora.deployment.registration import register_sites as register
+
+    for key, node_id in zip(args.public_keys, register(args.control_api, args.root_certificates, args.public_keys)):
+        print(f"{key}: {'registered as node ' + node_id if node_id else 'already registered'}", flush=True)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,6 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
     one.add_argument("--poll-interval", type=float, default=None, help="seconds between task polls (default 0.25)")
     _device_arg(one)
     one.set_defaults(handler=site)
+
+    register = commands.add_parser("register-sites", help="register sites' public keys (idempotent)",
+                                   description="Register SuperNode public keys with the SuperLink; keys it knows "
+                                               "already count as registered, so this can run on every start.")
+    register.add_argument("--control-api", default=f"{LOOPBACK}:8000", help="the SuperLink's Control API, HOST:PORT")
+    register.add_argument("--root-certificates", help="CA certificate of the SuperLink's TLS certificate")
+    register.add_argument("public_keys", nargs="+", help="supernode-<i>.pub files")
+    register.set_defaults(handler=register_sites)
     return parser
 
 

@@ -283,3 +283,32 @@ def test_run_without_nodes_ends_with_skipped_rounds(tmp_path):
     run_inprocess({**QUICK, "strategy": "fedavg", "num-server-rounds": 2, "round-timeout": 0.5,
                    "output-dir": str(out)}, num_nodes=0)
     assert [r.get("skipped") for r in records(out)[1:]] == ["no node connected within round-timeout = 0.5 s"] * 2
+
+
+def test_a_locked_run_directory_refuses_a_second_serverapp_until_its_owner_is_gone(tmp_path):
+    """A process that holds the run directory (an old ServerApp still alive) blocks a resume there, naming itself;
+    killed (its lock dies with it), the resume continues the run."""
+    import socket
+    import subprocess
+    import sys
+
+    from fedlora.server.lock import RunDirectoryLocked
+
+    out = tmp_path / "run"
+    config = {**QUICK, "num-server-rounds": 1, "output-dir": str(out)}
+    run_inprocess(config, num_nodes=2)
+    holder = subprocess.Popen([sys.executable, "-c", "import time\nfrom pathlib import Path\n"
+                               "from fedlora.server.lock import run_directory_lock\n"
+                               f"with run_directory_lock(Path({str(out)!r}), 4242):\n"
+                               "    print('locked', flush=True); time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunDirectoryLocked, match=rf"in use by the ServerApp of run 4242 \(pid {holder.pid} "
+                                                     rf"on {re.escape(socket.gethostname())}"):
+            run_inprocess({**config, "num-server-rounds": 2, "resume-from": str(out)}, num_nodes=2)
+        assert [r["round"] for r in records(out)] == [0, 1], "the refused ServerApp touched nothing"
+    finally:
+        holder.kill()
+        holder.wait()
+    run_inprocess({**config, "num-server-rounds": 2, "resume-from": str(out)}, num_nodes=2)
+    assert [r["round"] for r in records(out)] == [0, 1, 2]

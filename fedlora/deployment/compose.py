@@ -4,19 +4,32 @@
 
 writes, at the project root:
 
-* ``docker-compose.yml``           secure: SuperLink (TLS + SuperNode auth, state on ``./deploy/state``),
-                                   its persistent ServerApp runner (run outputs on ``./runs``), and N
-                                   SuperNodes each with a persistent ClientApp runner;
+* ``docker-compose.yml``           secure: SuperLink (TLS + SuperNode auth + SuperExec secret), its
+                                   persistent ServerApp runner (run outputs on ``./runs``), a one-shot
+                                   registration of the sites' keys, and N SuperNodes each with a
+                                   persistent ClientApp runner;
 * ``docker-compose.gpu.yml``       override: a CUDA build of the app image and one NVIDIA GPU
                                    reserved for each site's ClientApp runner (GPU i-1 for node i);
-* ``docker-compose.insecure.yml``  standalone, development only: the same services without TLS or
-                                   node authentication.
+* ``docker-compose.insecure.yml``  standalone, development only: the same services without TLS,
+                                   node authentication or secrets.
 
-Every container command comes from the argument builders that the loopback test runs, so
-the files cannot drift from what is tested; ``--check`` (and the test suite) fail when the
-committed files differ from what this module renders. Each runner shares its
-SuperLink's or SuperNode's network namespace and reaches its Runtime API on 127.0.0.1,
-so a SuperNode's Runtime API is never exposed beyond its own pair of containers.
+What the files promise (and ``tests/test_deployment.py`` checks on the parsed YAML):
+
+* only the Fleet API (9092) faces the sites; the Control + Runtime API (8000) is published on
+  the host's loopback only (``127.0.0.1:8000:8000``: the operator comes in over an SSH tunnel);
+* the SuperLink and its runner share ``superlink.secret``, each SuperNode and its runner its
+  ``supernode-<i>.secret``, mounted read-only where they are used and nowhere else;
+* SuperLink state and every site's ``state-dir`` (DP accountant, FLoRA merges, Fed-SB factors)
+  live on named volumes, so ``down``/``up`` and rebuilds keep them;
+* every long-running service has a healthcheck; the SuperNodes start once the registration
+  service has registered their keys (it is idempotent), the runners once their SuperLink or
+  SuperNode is healthy — nothing crash-loops waiting;
+* the app image is built once (one service has ``build``; the others use the image).
+
+Every container command comes from the argument builders that the loopback test runs, so the
+files cannot drift from what is tested; ``--check`` (and the test suite) fail when the
+committed files differ from what this module renders. Each runner shares its SuperLink's or
+SuperNode's network namespace and reaches its Runtime API on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -33,9 +46,12 @@ from fedlora.deployment.commands import (
     FLWR_VERSION,
     SERVER_CERT,
     SERVER_KEY,
+    SUPERLINK_SECRET,
     Credentials,
-    node_key_name,
     clientapp_runner_args,
+    health_check,
+    node_key_name,
+    node_secret_name,
     serverapp_runner_args,
     superlink_args,
     supernode_args,
@@ -46,14 +62,18 @@ APP_IMAGE = "fedlora-app:0.1.0"
 APP_IMAGE_GPU = "fedlora-app:0.1.0-cuda"
 TORCH_INDEX_GPU = "https://download.pytorch.org/whl/cu128"
 HOST_CERTS = "./deploy/certs"
-HOST_STATE = "./deploy/state"
 HOST_RUNS = "./runs"
 CERTS = "/app/certificates"
 STATE = "/app/state"
+NODE_STATE = "/app/node-state"
 RUNS = "/app/runs"
 HTTP_PORT = 8000
 FLEET_PORT = 9092
 NODE_RUNTIME_PORT = 9094
+#: Flower's and fedlora's gRPC health servers, each on its container namespace's loopback
+SUPERLINK_HEALTH, SERVER_RUNNER_HEALTH = f"127.0.0.1:{9098}", f"127.0.0.1:{9095}"
+SUPERNODE_HEALTH, CLIENT_RUNNER_HEALTH = f"127.0.0.1:{9097}", f"127.0.0.1:{9096}"
+SUPERLINK_VOLUME = "superlink-state"
 SECURE_FILE = "docker-compose.yml"
 GPU_FILE = "docker-compose.gpu.yml"
 INSECURE_FILE = "docker-compose.insecure.yml"
@@ -66,71 +86,109 @@ _HEADER = """\
 """
 
 
-def _mount(host_dir: str, name: str) -> str:
-    return f"{host_dir}/{name}:{CERTS}/{name}:ro"
+def site_volume(index: int) -> str:
+    """The named volume that holds site ``index``'s ``state-dir``."""
+    return f"site-{index}-state"
 
 
-def _app_service(command: list[str], network_of: str, volumes: list[str]) -> dict[str, Any]:
-    service: dict[str, Any] = {
-        "image": APP_IMAGE,
-        "build": {"context": ".", "dockerfile": "deploy/Dockerfile"},
+def _mount(name: str) -> str:
+    return f"{HOST_CERTS}/{name}:{CERTS}/{name}:ro"
+
+
+def _healthcheck(address: str) -> dict[str, Any]:
+    return {"test": ["CMD", *health_check(address)], "interval": "10s", "timeout": "6s", "retries": 6,
+            "start_period": "30s"}
+
+
+def _app_service(command: list[str], network_of: str, volumes: list[str], *, build: bool = False,
+                 healthy: str | None = None) -> dict[str, Any]:
+    """A service of the fedlora app image in ``network_of``'s network namespace (healthchecked at ``healthy``)."""
+    service: dict[str, Any] = {"image": APP_IMAGE}
+    service.update({"build": {"context": ".", "dockerfile": "deploy/Dockerfile"}} if build else {"pull_policy": "never"})
+    service.update({
         "command": command,
         "network_mode": f"service:{network_of}",
         "environment": {"FEDLORA_PROJECT_DIR": "/app"},
-        "depends_on": [network_of],
-        "restart": "unless-stopped",
-    }
+        "depends_on": {network_of: {"condition": "service_healthy"}},
+    })
     if volumes:
         service["volumes"] = volumes
+    if healthy:
+        service["healthcheck"] = _healthcheck(healthy)
+        service["restart"] = "unless-stopped"
     return service
 
 
 def compose_spec(num_nodes: int, secure: bool = True) -> dict[str, Any]:
-    """The docker-compose document for a SuperLink, its ServerApp runner and ``num_nodes`` SuperNode + runner pairs."""
+    """The docker-compose document: SuperLink, its ServerApp runner, the registration, ``num_nodes`` SuperNode + runner pairs."""
     if num_nodes < 1:
         raise ValueError(f"num_nodes must be at least 1, got {num_nodes}")
     credentials = Credentials(CERTS) if secure else None
-    ca = [_mount(HOST_CERTS, CA_CERT)] if secure else []
+    ca = [_mount(CA_CERT)] if secure else []
+    superlink_secret = [_mount(SUPERLINK_SECRET)] if secure else []
     services: dict[str, Any] = {
         "superlink": {
             "image": f"flwr/superlink:{FLWR_VERSION}",
             "command": superlink_args(host="0.0.0.0", port=HTTP_PORT, fleet_address=f"0.0.0.0:{FLEET_PORT}",
-                                      database=f"{STATE}/superlink.db", credentials=credentials),
-            "ports": [f"{HTTP_PORT}:{HTTP_PORT}", f"{FLEET_PORT}:{FLEET_PORT}"],
-            "volumes": [*ca, *([_mount(HOST_CERTS, SERVER_CERT), _mount(HOST_CERTS, SERVER_KEY)] if secure else []),
-                        f"{HOST_STATE}:{STATE}"],
+                                      database=f"{STATE}/superlink.db", credentials=credentials,
+                                      health_address=SUPERLINK_HEALTH),
+            "ports": [f"127.0.0.1:{HTTP_PORT}:{HTTP_PORT}", f"{FLEET_PORT}:{FLEET_PORT}"],
+            "volumes": [*ca, *([_mount(SERVER_CERT), _mount(SERVER_KEY)] if secure else []), *superlink_secret,
+                        f"{SUPERLINK_VOLUME}:{STATE}"],
+            "healthcheck": _healthcheck(SUPERLINK_HEALTH),
             "restart": "unless-stopped",
         },
         "serverapp-runner": _app_service(
-            serverapp_runner_args(runtime_address=f"127.0.0.1:{HTTP_PORT}",
-                                  ca_cert=credentials.ca_cert if credentials else None),
-            "superlink", [*ca, f"{HOST_RUNS}:{RUNS}"]),
+            serverapp_runner_args(runtime_address=f"127.0.0.1:{HTTP_PORT}", ca_cert=credentials.ca_cert if credentials else None,
+                                  secret=credentials.superlink_secret if credentials else None,
+                                  health_address=SERVER_RUNNER_HEALTH),
+            "superlink", [*ca, *superlink_secret, f"{HOST_RUNS}:{RUNS}"], build=True, healthy=SERVER_RUNNER_HEALTH),
     }
+    if secure:
+        keys = [f"{CERTS}/{node_key_name(i)}.pub" for i in range(1, num_nodes + 1)]
+        services["register-sites"] = {
+            **_app_service(["register-sites", "--control-api", f"127.0.0.1:{HTTP_PORT}", "--root-certificates",
+                            credentials.ca_cert, *keys], "superlink",
+                           [*ca, *(_mount(node_key_name(i) + ".pub") for i in range(1, num_nodes + 1))]),
+            "restart": "no",
+        }
     for i in range(1, num_nodes + 1):
         node = f"supernode-{i}"
+        site = credentials.site(i) if credentials else None
         services[node] = {
             "image": f"flwr/supernode:{FLWR_VERSION}",
             "command": supernode_args(superlink=f"superlink:{FLEET_PORT}", host="127.0.0.1", port=NODE_RUNTIME_PORT,
-                                      node_config={"partition-id": i - 1, "num-partitions": num_nodes},
-                                      credentials=credentials.site(i) if credentials else None),
-            "depends_on": ["superlink"],
+                                      node_config={"partition-id": i - 1, "num-partitions": num_nodes,
+                                                   "state-dir": NODE_STATE},
+                                      credentials=site, health_address=SUPERNODE_HEALTH),
+            "depends_on": ({"register-sites": {"condition": "service_completed_successfully"}} if secure
+                           else {"superlink": {"condition": "service_healthy"}}),
+            "healthcheck": _healthcheck(SUPERNODE_HEALTH),
             "restart": "unless-stopped",
         }
         if secure:
-            services[node]["volumes"] = [*ca, _mount(HOST_CERTS, node_key_name(i))]
+            services[node]["volumes"] = [*ca, _mount(node_key_name(i)), _mount(node_secret_name(i))]
         services[f"clientapp-runner-{i}"] = _app_service(
-            clientapp_runner_args(runtime_address=f"127.0.0.1:{NODE_RUNTIME_PORT}"), node, [])
-    return {"services": services}
+            clientapp_runner_args(runtime_address=f"127.0.0.1:{NODE_RUNTIME_PORT}", secret=site.secret if site else None,
+                                  health_address=CLIENT_RUNNER_HEALTH),
+            node, [*([_mount(node_secret_name(i))] if secure else []), f"{site_volume(i)}:{NODE_STATE}"],
+            healthy=CLIENT_RUNNER_HEALTH)
+    volumes = {SUPERLINK_VOLUME: {}, **{site_volume(i): {} for i in range(1, num_nodes + 1)}}
+    return {"services": services, "volumes": volumes}
 
 
 def gpu_override(num_nodes: int) -> dict[str, Any]:
-    """Override: CUDA app image, NVIDIA GPU ``i-1`` reserved for ClientApp runner ``i`` (which trains on it)."""
+    """Override: CUDA app image (built once, by site 1's runner), NVIDIA GPU ``i-1`` reserved for runner ``i``."""
     services = {}
     for i in range(1, num_nodes + 1):
+        command = clientapp_runner_args(runtime_address=f"127.0.0.1:{NODE_RUNTIME_PORT}", device="cuda",
+                                        secret=f"{CERTS}/{node_secret_name(i)}", health_address=CLIENT_RUNNER_HEALTH)
+        build = {"build": {"context": ".", "dockerfile": "deploy/Dockerfile",
+                           "args": {"TORCH_INDEX_URL": TORCH_INDEX_GPU}}} if i == 1 else {"pull_policy": "never"}
         services[f"clientapp-runner-{i}"] = {
             "image": APP_IMAGE_GPU,
-            "command": clientapp_runner_args(runtime_address=f"127.0.0.1:{NODE_RUNTIME_PORT}", device="cuda"),
-            "build": {"context": ".", "dockerfile": "deploy/Dockerfile", "args": {"TORCH_INDEX_URL": TORCH_INDEX_GPU}},
+            **build,
+            "command": command,
             "deploy": {"resources": {"reservations": {"devices": [
                 {"driver": "nvidia", "device_ids": [str(i - 1)], "capabilities": ["gpu"]}]}}},
         }
@@ -144,7 +202,8 @@ def render(document: dict[str, Any], purpose: str) -> str:
 def rendered_files(num_nodes: int) -> dict[str, str]:
     """File name -> content of every compose file."""
     return {
-        SECURE_FILE: render(compose_spec(num_nodes), "Secure: TLS + SuperNode authentication. `docker compose up --build -d`"),
+        SECURE_FILE: render(compose_spec(num_nodes), "Secure: TLS, SuperNode authentication, SuperExec secrets; the Control API "
+                                                     "on the host's 127.0.0.1 only. `docker compose up --build -d`"),
         GPU_FILE: render(gpu_override(num_nodes),
                          "GPU override: `docker compose -f docker-compose.yml -f docker-compose.gpu.yml up --build -d`"),
         INSECURE_FILE: render(compose_spec(num_nodes, secure=False),

@@ -27,14 +27,16 @@ from typing import Any, Mapping
 from fedlora.deployment.commands import (
     LOOPBACK,
     Credentials,
+    SiteCredentials,
     clientapp_runner_args,
     connection_toml,
-    register_args,
     serverapp_runner_args,
+    site_args,
     superexec_args,
     superlink_args,
     supernode_args,
 )
+from fedlora.deployment.registration import register_key
 from fedlora.runtime.launch import PROJECT_DIR, LaunchResult, flower_env, free_port, run_config_arg, run_status
 
 CONNECTION = "loopback"
@@ -91,8 +93,11 @@ class LoopbackFederation:
         self.http_port = free_port()
         self.fleet_port = free_port()
         self.fleet_address = f"{LOOPBACK}:{self.fleet_port}"
-        #: SuperNode name -> its Runtime API port (where its runner attaches)
+        #: SuperNode name -> its Runtime API port (where its runner attaches) and its credentials
         self.node_ports: dict[str, int] = {}
+        self.node_credentials: dict[str, SiteCredentials | None] = {}
+        #: Flower's gRPC health server of the SuperLink (what the compose healthcheck probes)
+        self.superlink_health = f"{LOOPBACK}:{free_port()}"
 
     def __enter__(self) -> "LoopbackFederation":
         try:
@@ -110,7 +115,8 @@ class LoopbackFederation:
         path = self.workdir / "logs" / f"{name}.log"
         return path.read_text(errors="replace") if path.is_file() else ""
 
-    def _spawn(self, name: str, argv: list[str]) -> Process:
+    def spawn(self, name: str, argv: list[str]) -> Process:
+        """Start ``argv`` as process ``name`` (own process group, log in ``logs/<name>.log``, stopped on close)."""
         log = self.workdir / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "a", encoding="utf-8") as fh:
@@ -130,28 +136,36 @@ class LoopbackFederation:
         home.mkdir(parents=True, exist_ok=True)
         (home / "config.toml").write_text(
             connection_toml(CONNECTION, f"{LOOPBACK}:{self.http_port}", self.credentials.ca_cert))
-        self._spawn("superlink", ["flower-superlink", *superlink_args(
+        self.spawn("superlink", ["flower-superlink", *superlink_args(
             host=LOOPBACK, port=self.http_port, fleet_address=self.fleet_address,
-            database=str(self.workdir / "superlink-state.db"), credentials=self.credentials)])
+            database=str(self.workdir / "superlink-state.db"), credentials=self.credentials,
+            health_address=self.superlink_health)])
         _wait_for_port(self.http_port, timeout)
         _wait_for_port(self.fleet_port, timeout)
         self.start_server_runner(self.runner)
 
-    def start_server_runner(self, runner: str) -> Process:
-        """The process that runs ServerApps: ``fedlora serverapp-runner`` or (``"flower"``) ``flower-superexec``."""
+    def start_server_runner(self, runner: str, *, with_secret: bool = True, name: str = "serverapp-runner") -> Process:
+        """The process that runs ServerApps: ``fedlora serverapp-runner`` or (``"flower"``) ``flower-superexec``.
+
+        ``with_secret=False`` starts one without the SuperLink's SuperExec secret (a rogue runner).
+        """
         address = f"{LOOPBACK}:{self.http_port}"
+        secret = self.credentials.superlink_secret if with_secret else None
         if runner == "flower":
-            return self._spawn("serverapp-runner", ["flower-superexec", *superexec_args(
-                runtime_address=address, ca_cert=self.credentials.ca_cert)])
-        return self._spawn("serverapp-runner", ["fedlora", *serverapp_runner_args(
-            runtime_address=address, ca_cert=self.credentials.ca_cert)])
+            return self.spawn(name, ["flower-superexec", *superexec_args(
+                runtime_address=address, ca_cert=self.credentials.ca_cert, secret=secret)])
+        return self.spawn(name, ["fedlora", *serverapp_runner_args(
+            runtime_address=address, ca_cert=self.credentials.ca_cert, secret=secret)])
 
     def start_site_runner(self, name: str) -> Process:
         """The process that runs SuperNode ``name``'s ClientApps (``fedlora clientapp-runner`` or Flower's SuperExec)."""
         address = f"{LOOPBACK}:{self.node_ports[name]}"
+        credentials = self.node_credentials[name]
+        secret = credentials.secret if credentials else None
         if self.runner == "flower":
-            return self._spawn(f"{name}-runner", ["flower-superexec", *superexec_args(runtime_address=address, ca_cert=None)])
-        return self._spawn(f"{name}-runner", ["fedlora", *clientapp_runner_args(runtime_address=address)])
+            return self.spawn(f"{name}-runner", ["flower-superexec", *superexec_args(
+                runtime_address=address, ca_cert=None, secret=secret)])
+        return self.spawn(f"{name}-runner", ["fedlora", *clientapp_runner_args(runtime_address=address, secret=secret)])
 
     def stop(self, name: str, sig: int = signal.SIGTERM, grace: float = 10.0) -> int | None:
         """Send ``sig`` to process ``name``'s group; its exit code (None if it outlives ``grace``). It is forgotten."""
@@ -167,11 +181,10 @@ class LoopbackFederation:
 
     def register(self, key_index: int) -> str:
         """Register SuperNode key pair ``key_index`` with the SuperLink; return the node id it was given."""
-        out = self._flwr(register_args(self.credentials.node_public_key(key_index), CONNECTION))
-        try:
-            return str(json.loads(out.stdout)["node-id"])
-        except (json.JSONDecodeError, KeyError) as err:
-            raise RuntimeError(f"registering key {key_index} failed: {out.stdout[-500:]} {out.stderr[-500:]}") from err
+        node_id = register_key(self.credentials.node_public_key(key_index), CONNECTION, self.env, self.project_dir)
+        if node_id is None:
+            raise RuntimeError(f"key {key_index} was registered already")
+        return node_id
 
     def start_supernode(self, name: str, node_config: Mapping[str, str | int | float], *, key_index: int | None,
                         secure: bool = True, max_retries: int | None = None, with_runner: bool = True) -> Process:
@@ -183,13 +196,20 @@ class LoopbackFederation:
         if secure and key_index is None:
             raise ValueError("a secure SuperNode needs key_index: the number of its authentication key pair")
         self.node_ports[name] = free_port()
-        credentials = self.credentials.site(key_index) if secure else None
-        node = self._spawn(name, ["flower-supernode", *supernode_args(
+        credentials = self.node_credentials[name] = self.credentials.site(key_index) if secure else None
+        node = self.spawn(name, ["flower-supernode", *supernode_args(
             superlink=self.fleet_address, host=LOOPBACK, port=self.node_ports[name], node_config=node_config,
             credentials=credentials, max_retries=max_retries)])
         if with_runner:
             self.start_site_runner(name)
         return node
+
+    def start_site(self, name: str, node_config: Mapping[str, str | int | float], *, key_index: int) -> Process:
+        """Start a whole site with the one command ``fedlora site`` (its SuperNode and its runner, one process group)."""
+        self.node_ports[name] = free_port()
+        credentials = self.node_credentials[name] = self.credentials.site(key_index)
+        return self.spawn(name, ["fedlora", *site_args(superlink=self.fleet_address, node_config=node_config,
+                                                        credentials=credentials, runtime_port=self.node_ports[name])])
 
     def kill_supernode(self, name: str) -> None:
         """SIGKILL SuperNode ``name`` and its runner (with the app processes it launched): a machine that died."""
@@ -200,6 +220,14 @@ class LoopbackFederation:
                 except ProcessLookupError:
                     pass
                 process.exit_code(10)
+
+    def runs(self) -> list[dict[str, Any]]:
+        """Every run the SuperLink knows (``flwr ls``), oldest first."""
+        out = self._flwr(["ls", CONNECTION, "--format", "json"])
+        try:
+            return sorted(json.loads(out.stdout)["runs"], key=lambda r: r.get("pending-at", ""))
+        except (json.JSONDecodeError, KeyError):
+            return []
 
     def online_nodes(self) -> set[str]:
         """Ids of the SuperNodes the SuperLink currently sees online."""

@@ -21,15 +21,17 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 from logging import ERROR, INFO
+from typing import Any
 
+import httpx
 from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
 from flwr.proto.task_pb2 import Task  # pylint: disable=E0611
 from flwr.supercore import log
 from flwr.supercore.constant import TaskType
+from flwr.supercore.grpc_health import run_health_server_grpc_no_tls
 from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
-from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.retry import RetryInvoker, exponential
 from flwr.supercore.runtime import RuntimeHttpClient
 
 from fedlora.process_cache import clear_process_caches
@@ -47,6 +49,14 @@ class Stopped(BaseException):
 
 def _stop(signum: int, _frame: object) -> None:
     raise Stopped(f"runner stopped ({signal.Signals(signum).name})")
+
+
+def retry_invoker() -> RetryInvoker:
+    """Retry a lost connection a few times; raise an HTTP refusal (401: a wrong secret or an expired task token)
+    to the caller. Flower's own invoker answers a 401 by sending SIGINT to its process, which would stop a
+    runner that serves many tasks because one was refused."""
+    return RetryInvoker(wait_gen_factory=lambda: exponential(max_delay=10), recoverable_exceptions=httpx.TransportError,
+                        max_tries=5, max_time=60)
 
 
 @dataclass(frozen=True)
@@ -70,7 +80,7 @@ class RuntimeLink:
             interceptors.append(SuperExecAuthHttpInterceptor(master_secret=self.secret, protected_methods=AUTH_METHODS))
         return RuntimeHttpClient.from_server_address(server_address=self.address, insecure=self.insecure,
                                                      root_certificates=self.root_certificates, interceptors=interceptors,
-                                                     retry_invoker=make_simple_http_retry_invoker())
+                                                     retry_invoker=retry_invoker())
 
 
 #: run-config keys that change nothing a process keeps resident between runs
@@ -94,17 +104,39 @@ class Resident:
         self.key = key
 
 
+#: seconds to wait after the Runtime API refused or failed an AcquireTask, before asking again
+REFUSED_RETRY_SECONDS = 5.0
+
+
 def run_loop(link: RuntimeLink, task_type: TaskType, serve: Callable[[str, Task], None], component: str,
-             poll_interval: float = DEFAULT_POLL_INTERVAL) -> None:
-    """Acquire and serve tasks of ``task_type`` until SIGTERM or SIGINT."""
+             poll_interval: float = DEFAULT_POLL_INTERVAL, health_address: str | None = None) -> None:
+    """Acquire and serve tasks of ``task_type`` until SIGTERM or SIGINT.
+
+    A Runtime API that refuses the runner (a wrong or missing SuperExec secret) or cannot be
+    reached is logged — once per distinct error — and asked again every few seconds; the
+    runner never serves a task it could not acquire. ``health_address`` starts Flower's gRPC
+    health server there while the loop runs.
+    """
     previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     logging.getLogger("flwr").propagate = False  # Opacus's import-time basicConfig would print every line twice
+    health = run_health_server_grpc_no_tls(health_address) if health_address else None
     client = link.client(component)
     log(INFO, "[%s] serving %s tasks from the Runtime API at %s", component, task_type.value, link.address)
+    last_error = ""
     try:
         while True:
-            acquired = client.AcquireTask(AcquireTaskRequest(supported_task_types=[task_type.value],
-                                                             agentapp_fab_hashes=[]))
+            try:
+                acquired = client.AcquireTask(AcquireTaskRequest(supported_task_types=[task_type.value],
+                                                                 agentapp_fab_hashes=[]))
+            except Exception as ex:  # noqa: BLE001 — refused (secret) or unreachable: say so, ask again later
+                if str(ex) != last_error:
+                    log(ERROR, "[%s] the Runtime API at %s refused or failed AcquireTask: %s (is "
+                        "--superexec-auth-secret-file the one the SuperLink/SuperNode was started with?)",
+                        component, link.address, ex)
+                    last_error = str(ex)
+                time.sleep(REFUSED_RETRY_SECONDS)
+                continue
+            last_error = ""
             if acquired.HasField("task") and acquired.token:
                 try:
                     serve(acquired.token, acquired.task)
@@ -116,5 +148,7 @@ def run_loop(link: RuntimeLink, task_type: TaskType, serve: Callable[[str, Task]
         log(INFO, "[%s] %s", component, reason)
     finally:
         client.close()
+        if health is not None:
+            health.stop(grace=1)
         for sig, handler in previous.items():
             signal.signal(sig, handler)

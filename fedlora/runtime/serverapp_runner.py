@@ -27,7 +27,7 @@ from flwr.supercore.logger import flush_logs, mirror_output_to_queue, start_log_
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedlora.runtime.app_identity import ForeignApp, check_app, installed_app
-from fedlora.runtime.runner import Resident, RuntimeLink, Stopped
+from fedlora.runtime.runner import Resident, RuntimeLink, Stopped, retry_invoker
 from fedlora.server.app import app as server_app
 
 COMPONENT = "fedlora-serverapp-runner"
@@ -55,6 +55,7 @@ class ServerAppRunner:
         """One ServerApp task: heartbeat, pull, check the app, run it, push the status."""
         grid = HttpGrid(runtime_api_address=self.link.address, insecure=self.link.insecure,
                         root_certificates=self.link.root_certificates, token=token)
+        grid._retry_invoker = retry_invoker()  # noqa: SLF001 — a refusal fails this run, not the whole runner
         runtime = grid._runtime_client  # noqa: SLF001 — as Flower's own ServerApp runtime uses it
         heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(runtime))
         heartbeat.start()

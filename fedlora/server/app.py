@@ -4,10 +4,14 @@ Validates the config before anything loads, builds the initial adapter (LoRA A f
 run seed, B = 0, classification head from a fixed seed), runs the configured strategy
 with a held-out evaluation after every round (round 0 = the base model), and writes the
 run directory (see :mod:`fedlora.server.rundir`): metrics first, then the checkpoint, after
-every round. With ``resume-from`` it continues a run from its last checkpoint instead.
+every round. With ``resume-from`` it continues a run from its last checkpoint instead. The
+ServerApp holds the run directory's lock (:mod:`fedlora.server.lock`) from before it touches
+the directory until it ends, so no second ServerApp can write there meanwhile.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
@@ -22,7 +26,8 @@ from fedlora.run_config import check_strategy, load_config
 from fedlora.server.checkpoint import CHECKPOINT_FILE, Checkpoint, check_resumable, read_checkpoint
 from fedlora.server.report import RoundReporter
 from fedlora.server.rounds import RoundLoop
-from fedlora.server.rundir import RunDirectory, resolve_path
+from fedlora.server.lock import run_directory_lock
+from fedlora.server.rundir import RunDirectory, resolve_output_dir, resolve_path
 from fedlora.server.strategy import ServerStrategy
 from fedlora.task import heldout_rows, load_task, server_model
 
@@ -38,21 +43,34 @@ def build_strategy(cfg: RunConfig, initial_state: AdapterState) -> ServerStrateg
     return strategy
 
 
-def open_run(cfg: RunConfig) -> tuple[RunDirectory, Checkpoint | None]:
+def run_path(cfg: RunConfig) -> Path:
+    """The run directory: ``resume-from``'s, else ``output-dir`` (default ``runs/<timestamp>-<strategy>``)."""
+    return resolve_path(cfg.resume_from) if cfg.resume_from else resolve_output_dir(cfg)
+
+
+def open_run(cfg: RunConfig, path: Path) -> tuple[RunDirectory, Checkpoint | None]:
     """A new run directory, or (``resume-from``) the resumed one with its verified checkpoint."""
     if not cfg.resume_from:
-        return RunDirectory.create(cfg), None
-    path = resolve_path(cfg.resume_from) / CHECKPOINT_FILE
-    checkpoint = read_checkpoint(path)
-    check_resumable(checkpoint, cfg, path)
+        return RunDirectory.create(cfg, path), None
+    checkpoint_file = path / CHECKPOINT_FILE
+    checkpoint = read_checkpoint(checkpoint_file)
+    check_resumable(checkpoint, cfg, checkpoint_file)
     return RunDirectory.resume(cfg, checkpoint.server_round), checkpoint
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    """Run one federated fine-tune (see the module docstring), holding its run directory's lock throughout."""
     cfg = load_config(context.run_config)
+    path = run_path(cfg)
+    with run_directory_lock(path, context.run_id):
+        run(grid, cfg, path)
+
+
+def run(grid: Grid, cfg: RunConfig, path: Path) -> None:
+    """Open (or resume) the run directory ``path``, run every round, save the final adapter and the summary."""
     task = load_task(cfg)
-    run_dir, resumed = open_run(cfg)
+    run_dir, resumed = open_run(cfg, path)
     print(f"[fedlora] run directory: {run_dir.path}", flush=True)
     device = pick_device(cfg.device)
     model = server_model(cfg, str(device))

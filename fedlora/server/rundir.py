@@ -52,8 +52,8 @@ class RunDirectory:
     path: Path
 
     @classmethod
-    def create(cls, cfg: RunConfig) -> "RunDirectory":
-        path = resolve_output_dir(cfg)
+    def create(cls, cfg: RunConfig, path: Path) -> "RunDirectory":
+        """A new run in ``path`` (from :func:`resolve_output_dir`): config.json written, metrics.jsonl empty."""
         path.mkdir(parents=True, exist_ok=True)
         (path / "config.json").write_text(json.dumps(cfg.to_flat(), indent=2, sort_keys=True) + "\n")
         metrics = path / "metrics.jsonl"

@@ -1,0 +1,213 @@
+"""The server's whole training round on the same replies: fedlora's path vs Flower's built-in FedAvg, at LLM shapes.
+
+Replies are real Flower Messages whose ArrayRecords hold each strategy's exact upload (its
+byte contract, :mod:`fedlora.strategies.registry`) at Llama-2-7B shapes: the q_proj and v_proj
+of ``--layers`` layers, d = k = 4096, LoRA rank r, K clients, float32. For each registered
+strategy, on the same replies:
+
+* **fedlora** — what :class:`fedlora.server.rounds.RoundLoop` runs once a round's replies are
+  in: unpack and validate every reply (``collect``), bound each client's influence, the
+  strategy's ``aggregate`` (with ``agg_error`` every round, or with it off:
+  ``metrics.agg-error-every = 0``), the round's metrics, and packing the next round's
+  download for a node;
+* **Flower FedAvg** — ``flwr.serverapp.strategy.FedAvg().aggregate_train`` on the same replies
+  (unpack, check consistency, weighted average, pack): what a user would pick instead;
+* **one pass** — reading every reply's payload once (a float32 sum over each array's bytes):
+  the memory-bandwidth floor of anything that looks at every input.
+
+Times are the median of ``--repeats`` runs (each on a fresh copy of the strategy); memory is
+the tracemalloc peak of one run above what existed before it (replies included in neither).
+A second table grows K and r for FedAvg on 2 modules, with ``agg_error`` off and on.
+
+    python -m benchmarks server [--layers 4] [--clients 10] [--rank 16] [--repeats 3] [--strategies all|…]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+import tracemalloc
+from collections.abc import Callable
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore.task_identity import TaskIdentity
+
+from benchmarks.common import machine_line, markdown_table
+from fedlora.adapters.lora import LORA_A, LORA_B, PEFT_PREFIX
+from fedlora.adapters.lorasb import LORASB_A, LORASB_B
+from fedlora.adapters.transport import record_bytes, to_record
+from fedlora.protocol import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, PARTITION_ID, RANK, SERVER_ROUND, TRAIN_LOSS
+from fedlora.run_config import full_defaults, load_config
+from fedlora.server.round import Round
+from fedlora.server.rounds import RoundLoop
+from fedlora.strategies.registry import names, spec_of
+from fedlora.strategies.traffic import array_name
+
+MiB = 2**20
+D = K_IN = 4096
+ROUND = 2
+
+
+def adapter_shapes(layers: int, rank: int) -> dict[str, tuple[int, ...]]:
+    """The peft state shapes of LoRA on q_proj and v_proj of ``layers`` Llama-2-7B layers (no head)."""
+    shapes = {}
+    for layer in range(layers):
+        for proj in ("q_proj", "v_proj"):
+            module = f"{PEFT_PREFIX}model.layers.{layer}.self_attn.{proj}"
+            shapes[module + LORA_A], shapes[module + LORA_B] = (rank, K_IN), (D, rank)
+    return shapes
+
+
+def random_state(shapes: dict[str, tuple[int, ...]], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Plausible trained values: A ~ N(0, 1/k), everything else ~ N(0, 0.01²)."""
+    return {k: (rng.standard_normal(s, dtype=np.float32) * (K_IN ** -0.5 if k.endswith(LORA_A) else 0.01))
+            for k, s in shapes.items()}
+
+
+def replies_for(strategy: str, adapter: dict[str, tuple[int, ...]], clients: int, rank: int,
+                seed: int = 0) -> tuple[list[Message], list[Message]]:
+    """(messages, replies): one reply per client carrying exactly the strategy's round-2 upload."""
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    upload = {array_name(k): s for k, s in spec_of(strategy).traffic_formula()("up", ROUND, adapter, clients).items()}
+    rng = np.random.default_rng(seed)
+    messages, replies = [], []
+    for node in range(1, clients + 1):
+        message = Message(RecordDict({CONFIG: ConfigRecord({SERVER_ROUND: ROUND})}), dst_node_id=node,
+                          message_type=MessageType.TRAIN)
+        message.metadata.__dict__["_message_id"] = f"m{node}"
+        metrics = MetricRecord({NUM_EXAMPLES: int(rng.integers(100, 1000)), PARTITION_ID: node - 1, RANK: rank,
+                                TRAIN_LOSS: 1.0})
+        reply = Message(RecordDict({ARRAYS: to_record(random_state(upload, rng)), METRICS: metrics}), reply_to=message)
+        messages.append(message)
+        replies.append(reply)
+    return messages, replies
+
+
+def server_loop(strategy: str, adapter: dict[str, tuple[int, ...]], rank: int, agg_error_every: int) -> RoundLoop:
+    """A RoundLoop around the strategy's server part, in the state it has before round 2."""
+    cfg = load_config({**full_defaults(), "strategy": strategy, "lora.rank": rank, "lora.alpha": 2 * rank,
+                       "metrics.agg-error-every": agg_error_every})
+    rng = np.random.default_rng(1)
+    initial = random_state(adapter, rng)
+    server = spec_of(strategy).server_class()(cfg, initial)
+    if strategy == "fedsb":  # its fixed factors come from the setup phase; stand-ins of the right shapes
+        plain = {k.removeprefix(PEFT_PREFIX): v for k, v in initial.items()}
+        server.frozen = {}
+        for key, value in plain.items():
+            module = key[: -len(LORA_A)] if key.endswith(LORA_A) else key[: -len(LORA_B)]
+            server.frozen[module + (LORASB_A if key.endswith(LORA_A) else LORASB_B)] = value
+        server.state = random_state({f"{m[: -len(LORASB_A)]}.lorasb_R.weight": (rank, rank)
+                                     for m in server.frozen if m.endswith(LORASB_A)}, rng)
+    return RoundLoop(server, cfg, evaluate=dict, reporter=None, checkpoint=None)  # type: ignore[arg-type]
+
+
+def fedlora_round(loop: RoundLoop, messages: list[Message], replies: list[Message]) -> dict:
+    """Everything the server does with a round's replies, up to the next round's packed download."""
+    sent = Round(ROUND, [m.metadata.dst_node_id for m in messages], len(messages), 0, time.monotonic(),
+                 destinations={m.metadata.message_id: m.metadata.dst_node_id for m in messages})
+    done = loop.collect(sent, replies, lambda update: loop.strategy.expected_upload(ROUND, update))
+    if len(done.updates) != len(replies):
+        raise RuntimeError(f"replies rejected: {done.rejected}")
+    weights = loop.bounded_weights(done, loop.strategy.state)
+    loop.strategy.state, metrics = loop.strategy.aggregate(done, weights)
+    metrics.update(done.metrics())
+    metrics["bytes_down"] = sum(record_bytes(to_record(s)) for s in loop.strategy.downloads(ROUND + 1, 1).values())
+    return metrics
+
+
+def flower_round(replies: list[Message]) -> None:
+    FedAvg().aggregate_train(ROUND, replies)
+
+
+def one_pass(replies: list[Message]) -> float:
+    total = 0.0
+    for reply in replies:
+        for array in reply.content[ARRAYS].values():
+            n = int(np.prod(array.shape))
+            total += float(np.frombuffer(array.data, np.float32, count=n, offset=len(array.data) - 4 * n).sum())
+    return total
+
+
+def measure(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """(median seconds over ``repeats`` runs, tracemalloc peak MiB of one more run)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    tracemalloc.start()
+    fn()
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return statistics.median(times), peak / MiB
+
+
+def strategy_rows(strategies: list[str], layers: int, clients: int, rank: int, repeats: int) -> list[list[object]]:
+    adapter = adapter_shapes(layers, rank)
+    rows = []
+    for name in strategies:
+        messages, replies = replies_for(name, adapter, clients, rank)
+        flower_s, flower_mib = measure(lambda: flower_round(replies), repeats)
+        pass_s, _ = measure(lambda: one_pass(replies), repeats)
+        cells = []
+        for every in (1, 0):
+            base = server_loop(name, adapter, rank, every)
+            seconds, mib = measure(lambda: fedlora_round(copy.deepcopy(base), messages, replies), repeats)
+            copy_s, _ = measure(lambda: copy.deepcopy(base), repeats)  # the fresh copy is not the server's work
+            seconds = max(seconds - copy_s, 0.0)
+            cells += [f"{1e3 * seconds:,.0f}", f"{seconds / flower_s:.2f}x", f"{seconds / (flower_s + pass_s):.2f}x"]
+            if every == 1:
+                peak = mib
+        rows.append([name, *cells, f"{1e3 * flower_s:,.0f}", f"{1e3 * pass_s:,.0f}", f"{peak:,.0f}", f"{flower_mib:,.0f}",
+                     f"{peak / flower_mib:.2f}x"])
+        print(f"{name}: done", flush=True)
+    return rows
+
+
+def growth_rows(repeats: int) -> list[list[object]]:
+    rows = []
+    for clients in (2, 10, 50):
+        for rank in (4, 16, 64):
+            adapter = adapter_shapes(1, rank)
+            messages, replies = replies_for("fedavg", adapter, clients, rank)
+            flower_s, _ = measure(lambda: flower_round(replies), repeats)
+            row: list[object] = [clients, rank]
+            for every in (0, 1):
+                base = server_loop("fedavg", adapter, rank, every)
+                seconds, _ = measure(lambda: fedlora_round(copy.deepcopy(base), messages, replies), repeats)
+                row.append(f"{1e3 * seconds:,.1f}")
+            rows.append([*row, f"{1e3 * flower_s:,.1f}"])
+            print(f"growth K={clients} r={rank}: done", flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=4, help="Llama-2-7B layers whose q_proj and v_proj are adapted")
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--strategies", default="all", help="comma-separated names, or all registered (default)")
+    parser.add_argument("--no-growth", action="store_true", help="skip the K × r growth table")
+    args = parser.parse_args(argv)
+    print(f"start: {machine_line()}", flush=True)
+    strategies = names() if args.strategies == "all" else args.strategies.split(",")
+    rows = strategy_rows(strategies, args.layers, args.clients, args.rank, args.repeats)
+    print(f"{2 * args.layers} modules (q_proj, v_proj of {args.layers} layers, d = k = {D}), r = {args.rank}, "
+          f"K = {args.clients} clients, float32, median of {args.repeats}; ratios against Flower's FedAvg on the same "
+          f"replies, and against FedAvg plus one pass over the inputs")
+    print(markdown_table(
+        ["strategy", "fedlora ms (agg_error on)", "× Flower", "× Flower + pass", "fedlora ms (agg_error off)", "× Flower",
+         "× Flower + pass", "Flower FedAvg ms", "one pass ms", "fedlora peak MiB", "Flower peak MiB", "peak ×"], rows))
+    if not args.no_growth:
+        print("FedAvg, 2 modules (d = k = 4096): ms per round as K and r grow (agg_error off, on) next to Flower's FedAvg")
+        print(markdown_table(["K", "r", "fedlora ms (off)", "fedlora ms (on)", "Flower FedAvg ms"], growth_rows(args.repeats)))
+    print(f"end: {machine_line()}")
+
+
+if __name__ == "__main__":
+    main()
