@@ -13,8 +13,8 @@ import sys
 
 #: suite name -> module (each has ``main(argv: list[str] | None) -> None``)
 SUITES = {
-    "aggregation": "benchmarks.aggregation",
-    "throughput": "benchmarks.dp_overhead",
+    "server": "benchmarks.server_round",
+    "client": "benchmarks.client_step",
     "overhead": "benchmarks.framework_overhead",
     "scale": "benchmarks.scale",
     "bytes": "benchmarks.bytes_per_round",

@@ -5,18 +5,19 @@ byte contract, :mod:`fedlora.strategies.registry`) at Llama-2-7B shapes: the q_p
 of ``--layers`` layers, d = k = 4096, LoRA rank r, K clients, float32. For each registered
 strategy, on the same replies:
 
-* **fedlora** — what :class:`fedlora.server.rounds.RoundLoop` runs once a round's replies are
-  in: unpack and validate every reply (``collect``), bound each client's influence, the
-  strategy's ``aggregate`` (with ``agg_error`` every round, or with it off:
-  ``metrics.agg-error-every = 0``), the round's metrics, and packing the next round's
-  download for a node;
+* **fedlora** — what :meth:`fedlora.server.rounds.RoundLoop.aggregate_round` runs once a
+  round's replies are in (unpack and validate every reply, bound each client's influence,
+  the strategy's ``aggregate`` with ``agg_error`` every round or with it off —
+  ``metrics.agg-error-every = 0`` —, the round's metrics), under the server's BLAS thread
+  limit (``FEDLORA_SERVER_THREADS``, default 1), and packing the next round's download;
 * **Flower FedAvg** — ``flwr.serverapp.strategy.FedAvg().aggregate_train`` on the same replies
   (unpack, check consistency, weighted average, pack): what a user would pick instead;
 * **one pass** — reading every reply's payload once (a float32 sum over each array's bytes):
   the memory-bandwidth floor of anything that looks at every input.
 
-Times are the median of ``--repeats`` runs (each on a fresh copy of the strategy); memory is
-the tracemalloc peak of one run above what existed before it (replies included in neither).
+Times are the median of ``--repeats`` runs, each on a fresh copy of the server made before the
+clock starts; memory is the tracemalloc peak of one more run above what existed before it
+(replies and the server's own state included in neither).
 A second table grows K and r for FedAvg on 2 modules, with ``agg_error`` off and on.
 
     python -m benchmarks server [--layers 4] [--clients 10] [--rank 16] [--repeats 3] [--strategies all|…]
@@ -43,7 +44,7 @@ from fedlora.adapters.transport import record_bytes, to_record
 from fedlora.protocol import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, PARTITION_ID, RANK, SERVER_ROUND, TRAIN_LOSS
 from fedlora.run_config import full_defaults, load_config
 from fedlora.server.round import Round
-from fedlora.server.rounds import RoundLoop
+from fedlora.server.rounds import RoundLoop, server_math_threads
 from fedlora.strategies.registry import names, spec_of
 from fedlora.strategies.traffic import array_name
 
@@ -106,17 +107,17 @@ def server_loop(strategy: str, adapter: dict[str, tuple[int, ...]], rank: int, a
 
 
 def fedlora_round(loop: RoundLoop, messages: list[Message], replies: list[Message]) -> dict:
-    """Everything the server does with a round's replies, up to the next round's packed download."""
-    sent = Round(ROUND, [m.metadata.dst_node_id for m in messages], len(messages), 0, time.monotonic(),
+    """What the server does with a round's replies (``RoundLoop.aggregate_round``, under its BLAS thread limit),
+    then packs the next round's download for a node."""
+    nodes = [m.metadata.dst_node_id for m in messages]
+    sent = Round(ROUND, nodes, len(nodes), 0, time.monotonic(),
                  destinations={m.metadata.message_id: m.metadata.dst_node_id for m in messages})
-    done = loop.collect(sent, replies, lambda update: loop.strategy.expected_upload(ROUND, update))
-    if len(done.updates) != len(replies):
-        raise RuntimeError(f"replies rejected: {done.rejected}")
-    weights = loop.bounded_weights(done, loop.strategy.state)
-    loop.strategy.state, metrics = loop.strategy.aggregate(done, weights)
-    metrics.update(done.metrics())
-    metrics["bytes_down"] = sum(record_bytes(to_record(s)) for s in loop.strategy.downloads(ROUND + 1, 1).values())
-    return metrics
+    with server_math_threads():
+        record = loop.aggregate_round(ROUND, nodes, sent, replies)
+        if record.get("num_clients") != len(replies):
+            raise RuntimeError(f"replies rejected: {record.get('rejected')}")
+        record["bytes_down"] = sum(record_bytes(to_record(s)) for s in loop.strategy.downloads(ROUND + 1, 1).values())
+    return record
 
 
 def flower_round(replies: list[Message]) -> None:
@@ -132,15 +133,19 @@ def one_pass(replies: list[Message]) -> float:
     return total
 
 
-def measure(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
-    """(median seconds over ``repeats`` runs, tracemalloc peak MiB of one more run)."""
+def measure(fn: Callable[[object], object], repeats: int,
+            setup: Callable[[], object] = lambda: None) -> tuple[float, float]:
+    """(median seconds of ``fn(setup())`` over ``repeats`` runs, tracemalloc peak MiB of one more run above what
+    existed before it); ``setup`` — e.g. a fresh copy of the server — is neither timed nor traced."""
     times = []
     for _ in range(repeats):
+        argument = setup()
         start = time.perf_counter()
-        fn()
+        fn(argument)
         times.append(time.perf_counter() - start)
+    argument = setup()
     tracemalloc.start()
-    fn()
+    fn(argument)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     return statistics.median(times), peak / MiB
@@ -151,14 +156,13 @@ def strategy_rows(strategies: list[str], layers: int, clients: int, rank: int, r
     rows = []
     for name in strategies:
         messages, replies = replies_for(name, adapter, clients, rank)
-        flower_s, flower_mib = measure(lambda: flower_round(replies), repeats)
-        pass_s, _ = measure(lambda: one_pass(replies), repeats)
+        flower_s, flower_mib = measure(lambda _: flower_round(replies), repeats)
+        pass_s, _ = measure(lambda _: one_pass(replies), repeats)
         cells = []
         for every in (1, 0):
             base = server_loop(name, adapter, rank, every)
-            seconds, mib = measure(lambda: fedlora_round(copy.deepcopy(base), messages, replies), repeats)
-            copy_s, _ = measure(lambda: copy.deepcopy(base), repeats)  # the fresh copy is not the server's work
-            seconds = max(seconds - copy_s, 0.0)
+            seconds, mib = measure(lambda loop: fedlora_round(loop, messages, replies), repeats,
+                                   setup=lambda: copy.deepcopy(base))
             cells += [f"{1e3 * seconds:,.0f}", f"{seconds / flower_s:.2f}x", f"{seconds / (flower_s + pass_s):.2f}x"]
             if every == 1:
                 peak = mib
@@ -174,11 +178,12 @@ def growth_rows(repeats: int) -> list[list[object]]:
         for rank in (4, 16, 64):
             adapter = adapter_shapes(1, rank)
             messages, replies = replies_for("fedavg", adapter, clients, rank)
-            flower_s, _ = measure(lambda: flower_round(replies), repeats)
+            flower_s, _ = measure(lambda _: flower_round(replies), repeats)
             row: list[object] = [clients, rank]
             for every in (0, 1):
                 base = server_loop("fedavg", adapter, rank, every)
-                seconds, _ = measure(lambda: fedlora_round(copy.deepcopy(base), messages, replies), repeats)
+                seconds, _ = measure(lambda loop: fedlora_round(loop, messages, replies), repeats,
+                                     setup=lambda: copy.deepcopy(base))
                 row.append(f"{1e3 * seconds:,.1f}")
             rows.append([*row, f"{1e3 * flower_s:,.1f}"])
             print(f"growth K={clients} r={rank}: done", flush=True)

@@ -156,6 +156,13 @@ class ValidationConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    agg_error_every: int = knob(1, non_negative, "compute agg_error in every N-th round (0 = never); exact, it costs "
+                                                 "O((d+k)·(K·r)²) per module for the strategies whose error is not "
+                                                 "just float32 rounding")
+
+
+@dataclass(frozen=True)
 class Sections:
     """Strategy config sections by name (``"lorafair"`` -> its frozen options dataclass); hashable."""
 
@@ -197,6 +204,7 @@ class RunConfig:
     dp: DPConfig = field(default_factory=DPConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     sections: Sections = field(default_factory=Sections)
 
     def section(self, name: str) -> Any:

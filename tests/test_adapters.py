@@ -1,6 +1,9 @@
+import io
+
 import numpy as np
 import pytest
 import torch
+from flwr.app import Array, ArrayRecord
 from peft import PeftModel
 
 from fedlora.adapters.lora import adapter_state, inject_lora, load_adapter_state, lora_modules
@@ -56,3 +59,46 @@ def test_saved_adapter_loads_with_peft(tmp_path):
     loaded = PeftModel.from_pretrained(load_base_model("tiny-llama", "instruction", 0), tmp_path / "adapter")
     ids = torch.tensor([[5, 6, 7, 8]])
     torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_unpacked_arrays_are_read_only_views_of_the_record_bytes():
+    record = to_record({"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(4, np.float32)})
+    state = from_record(record)
+    np.testing.assert_array_equal(state["a"], np.arange(6, dtype=np.float32).reshape(2, 3))
+    assert not state["a"].flags.writeable
+    with pytest.raises(ValueError):
+        state["a"][0, 0] = 1.0
+    assert np.shares_memory(state["b"], np.frombuffer(record["b"].data, np.uint8)), "no copy of the payload"
+
+
+@pytest.mark.parametrize("payload, reason", [
+    (lambda: np.asfortranarray(np.ones((2, 3), np.float32)), "Fortran order"),
+    (lambda: np.array([object()], dtype=object), "object dtype"),
+])
+def test_unpacking_refuses_arrays_that_are_not_plain(payload, reason):
+    buffer = io.BytesIO()
+    np.save(buffer, payload(), allow_pickle=True)
+    record = ArrayRecord({"x": Array(dtype="float32", shape=(2, 3), stype="numpy.ndarray", data=buffer.getvalue())})
+    with pytest.raises(ValueError, match=reason):
+        from_record(record)
+
+
+def test_unpacking_refuses_truncated_and_foreign_payloads():
+    good = to_record({"x": np.ones((2, 3), np.float32)})["x"].data
+    for data, reason in [(good[:-4], "payload of 20 bytes"), (b"PK\x03\x04" + good[4:], "not in npy format"),
+                         (good[:6] + b"\x03\x00" + good[8:], "version 3.0")]:
+        record = ArrayRecord({"x": Array(dtype="float32", shape=(2, 3), stype="numpy.ndarray", data=data)})
+        with pytest.raises(ValueError, match=reason):
+            from_record(record)
+    record = ArrayRecord({"x": Array(dtype="float32", shape=(2, 3), stype="torch.Tensor", data=good)})
+    with pytest.raises(ValueError, match="serialization type 'torch.Tensor'"):
+        from_record(record)
+
+
+def test_packing_writes_exactly_what_flower_writes():
+    rng = np.random.default_rng(2)
+    for value in [rng.standard_normal((4, 3)).astype(np.float32), rng.standard_normal(7),
+                  np.asfortranarray(rng.standard_normal((5, 2))), np.zeros((0, 4), np.float32)]:
+        packed, flower = to_record({"x": value})["x"], Array(np.ascontiguousarray(value, dtype=np.float32))
+        assert (packed.data, packed.shape, packed.dtype, packed.stype) == (flower.data, flower.shape, flower.dtype,
+                                                                             flower.stype)

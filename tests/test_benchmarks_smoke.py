@@ -5,20 +5,22 @@ from __future__ import annotations
 import pytest
 
 from benchmarks import __main__ as entry
-from benchmarks import aggregation, bytes_per_round, dp_overhead, framework_overhead, scale
+from benchmarks import bytes_per_round, client_step, framework_overhead, scale, server_round
 
 TINY_JOB = ["--model", "tiny-bert", "--rounds", "2", "--local-steps", "1", "--batch-size", "4"]
 
 
 def test_entry_point_lists_suites_on_bad_name(capsys: pytest.CaptureFixture[str]) -> None:
     assert entry.main(["no-such-suite"]) == 2
-    assert "aggregation" in capsys.readouterr().err
+    assert "server" in capsys.readouterr().err
 
 
-def test_aggregation_tiny_shapes(capsys: pytest.CaptureFixture[str]) -> None:
-    aggregation.main(["--layers", "2", "--hidden", "32", "--intermediate", "64", "--clients", "3", "--rank", "4"])
-    out = capsys.readouterr().out
-    assert "merge_into_base" in out and "aggregate_lorafair" in out and "naive average" in out
+def test_server_round_runs_every_strategy_on_small_replies(capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
+    monkeypatch.setattr(server_round, "D", 64)
+    monkeypatch.setattr(server_round, "K_IN", 48)
+    server_round.main(["--layers", "1", "--clients", "3", "--rank", "2", "--repeats", "1", "--no-growth"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "strategy" not in line]
+    assert {row.split(" | ")[0].removeprefix("| ") for row in rows} >= {"fedavg", "ffa", "fedsb", "flora", "lorafair"}
 
 
 def test_bytes_measured_minus_payload_is_framing_only(capsys: pytest.CaptureFixture[str]) -> None:
@@ -38,7 +40,17 @@ def test_scale_few_nodes(capsys: pytest.CaptureFixture[str]) -> None:
     assert "20 virtual nodes" in capsys.readouterr().out
 
 
-def test_throughput_table_reports_tokens_per_second() -> None:
-    results = [dp_overhead.Measurement("minilm", "none", 0.5, 100.0), dp_overhead.Measurement("minilm", "hooks", 1.0, 110.0)]
-    table = dp_overhead.table(results)
-    assert "| minilm | non-DP | 4096 | 0.500 | 1.00 |" in table and "| minilm | DP hooks | 2048 |" in table
+def test_client_step_table_compares_each_variant_with_its_baseline() -> None:
+    results = [client_step.Measurement("minilm", "floor", 0.5, 100.0), client_step.Measurement("minilm", "fedlora", 0.55, 110.0),
+               client_step.Measurement("minilm", "opacus", 1.0, 120.0), client_step.Measurement("minilm", "fedlora-dp", 1.1, 120.0)]
+    table = client_step.table(results)
+    assert "| minilm | floor | 4,096 | 0.500 |  | 100 |  |" in table
+    assert "| minilm | fedlora | 3,724 | 0.550 | 1.10x vs floor | 110 | 1.10x |" in table
+    assert "| minilm | fedlora-dp | 1,862 | 1.100 | 1.10x vs opacus | 120 | 1.00x |" in table
+
+
+def test_client_step_runs_fedlora_and_the_floor_on_tiny_bert(monkeypatch) -> None:
+    monkeypatch.setitem(client_step.MODELS, "tiny-bert", ("classification", 4, 8))
+    for variant in ("floor", "fedlora", "opacus", "fedlora-dp"):
+        measured = client_step.measure("tiny-bert", variant, steps=1, rounds=1, warmup=0, device_name="cpu")
+        assert measured.seconds_per_step > 0

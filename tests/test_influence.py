@@ -10,7 +10,8 @@ from flwr.app import MetricRecord
 
 from fedlora.adapters.transport import from_record, to_record
 from fedlora.protocol import ARRAYS, METRICS, NUM_EXAMPLES
-from fedlora.server.influence import capped_shares, norm_ratios, scaled_update, update_norm
+from fedlora.server.influence import capped_shares, norm_ratios, scaled_update
+from fedlora.server.validation import validate_upload
 
 
 @pytest.mark.parametrize("weights, cap", [([0.7, 0.2, 0.1], 0.5), ([1 - 2e-12, 1e-12, 1e-12], 0.5),
@@ -38,7 +39,14 @@ def test_norm_ratios_compare_each_update_with_the_median_of_the_others():
     assert norm_ratios(np.array([0.0, 0.0, 1.0]))[2] == np.inf
 
 
-def test_update_norms_and_scaling_are_relative_to_the_reference():
+def update_norm(upload, reference) -> float:
+    """‖upload − reference‖ as validation measures it: no same-shaped reference counts as zero."""
+    shapes = {k: v.shape for k, v in upload.items()}
+    return float(np.sqrt(validate_upload(upload, shapes, max_rms=1e9, reference=reference)))
+
+
+def test_update_norms_and_scaling_are_relative_to_the_reference(monkeypatch):
+    monkeypatch.setattr("fedlora.server.validation.BLOCK", 5)  # several blocks per tensor and a partial one
     rng = np.random.default_rng(0)
     ref = {"a": rng.standard_normal((3, 4)).astype(np.float32), "b": rng.standard_normal(5).astype(np.float32)}
     upload = {"a": ref["a"] + 2.0, "b": ref["b"] - 1.0, "fresh": np.full(2, 3.0, np.float32)}
@@ -68,7 +76,9 @@ class MaliciousSite:
             return reply
         upload = from_record(reply.content[ARRAYS])
         if context.node_config["partition-id"] != 0:
-            self.honest_norms.append(update_norm(upload, from_record(message.content[ARRAYS])))
+            received = from_record(message.content[ARRAYS])
+            self.honest_norms.append(float(np.sqrt(sum(np.sum((v.astype(np.float64) - received[k]) ** 2)
+                                                       for k, v in upload.items()))))
             return reply
         reply.content[ARRAYS] = to_record({k: np.full_like(v, 9.5) for k, v in upload.items()})
         reply.content[METRICS] = MetricRecord({**dict(reply.content[METRICS]), NUM_EXAMPLES: 10**12})

@@ -19,7 +19,8 @@ from fedlora.server.influence import capped_shares
 from fedlora.server.round import ClientUpdate, Round
 from fedlora.strategies.common import client_weights, weighted_sum
 from fedlora.strategies.fedsa.client import OwnB, PersonalB
-from fedlora.strategies.fedsa.math import aggregate_fedsa, fedsa_error, own_part, shared_part, traffic
+from fedlora.strategies.fedavg.math import average_with_error, fedavg_states
+from fedlora.strategies.fedsa.math import own_part, shared_part, traffic
 from fedlora.strategies.fedsa.server import FedSAServer
 from fedlora.task import adapted_model
 
@@ -61,7 +62,7 @@ def _dense_error(states: list[dict], p: np.ndarray, average: dict) -> float:
 # ----- the math ---------------------------------------------------------------------------------
 def test_a_b_and_the_head_are_averaged_and_only_a_and_the_head_go_down():
     states, p = _states(3), _weights(3)
-    average = aggregate_fedsa(states, p)
+    average = fedavg_states(states, p)
     assert set(average) == set(states[0])
     for key in average:
         np.testing.assert_allclose(average[key], weighted_sum([s[key] for s in states], p), rtol=1e-6, atol=1e-6)
@@ -72,8 +73,8 @@ def test_a_b_and_the_head_are_averaged_and_only_a_and_the_head_go_down():
 def test_the_global_model_is_inexact_by_fedits_cross_term():
     """s·B̄Ā − Σ p_k s·B_kA_k = −s·Σ p_k (B_k − B̄)(A_k − Ā): agg_error is the dense one, and > 0."""
     states, p = _states(4), _weights(4)
-    average = aggregate_fedsa(states, p)
-    error = fedsa_error(states, p, SCALE)
+    average = fedavg_states(states, p)
+    error = average_with_error(states, p, SCALE)[1]["agg_error"]
     assert error == pytest.approx(_dense_error(states, p, average), rel=1e-6)
     num = den = 0.0
     for m in MODULES:
@@ -88,7 +89,7 @@ def test_the_global_model_is_inexact_by_fedits_cross_term():
 
 def test_the_global_model_is_exact_when_the_clients_b_agree():
     states, p = _states(3, same_b=True), _weights(3)
-    assert fedsa_error(states, p, SCALE) < 1e-6
+    assert average_with_error(states, p, SCALE)[1]["agg_error"] < 1e-6
 
 
 def test_the_byte_contract_sends_everything_but_b_down_and_the_whole_adapter_up():

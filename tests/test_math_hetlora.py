@@ -7,7 +7,7 @@ from fedlora.adapters.lora import LORA_A, LORA_B
 from fedlora.client.role import cut_to_rank
 from fedlora.server.mixed_ranks import at_scale_one
 from fedlora.strategies.common import client_weights
-from fedlora.strategies.hetlora.math import aggregate_hetlora, sparsity_weights, zero_pad
+from fedlora.strategies.hetlora.math import aggregate_hetlora, padded_average, sparsity_weights
 
 M = "base_model.model.enc.query"
 D, K, ALPHA, R = 12, 9, 16.0, 4
@@ -19,14 +19,21 @@ def _states(ranks, seed=0):
              "base_model.model.head.weight": rng.standard_normal((3, D))} for r in ranks]
 
 
+def zero_pad(B, A, rank, scale, global_scale):
+    """HetLoRA's padding, by its definition: B' = [(s_k/s_R)·B, 0], A' = [A; 0] of rank ``rank``."""
+    B_pad, A_pad = np.zeros((B.shape[0], rank)), np.zeros((rank, A.shape[1]))
+    B_pad[:, : A.shape[0]], A_pad[: A.shape[0]] = (scale / global_scale) * B, A
+    return B_pad, A_pad
+
+
 def test_zero_padding_keeps_the_client_update():
     rng = np.random.default_rng(1)
     B, A = rng.standard_normal((D, 2)), rng.standard_normal((2, K))
-    B_pad, A_pad = zero_pad(B, A, R, ALPHA / 2, ALPHA / R)
+    B_pad, A_pad = padded_average([B], [A], np.array([1.0]), [ALPHA / 2], R, ALPHA / R)
     assert B_pad.shape == (D, R) and A_pad.shape == (R, K) and not A_pad[2:].any() and not B_pad[:, 2:].any()
     np.testing.assert_allclose((ALPHA / R) * B_pad @ A_pad, (ALPHA / 2) * B @ A, rtol=1e-12)
     with pytest.raises(ValueError, match="global rank"):
-        zero_pad(rng.standard_normal((D, 5)), rng.standard_normal((5, K)), R, 1.0, 1.0)
+        padded_average([rng.standard_normal((D, 5))], [rng.standard_normal((5, K))], np.array([1.0]), [1.0], R, 1.0)
 
 
 def test_sparsity_weights_follow_the_update_norms():

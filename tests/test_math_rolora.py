@@ -14,7 +14,7 @@ from fedlora.runtime.inprocess import run_inprocess
 from fedlora.server.round import ClientUpdate, Round
 from fedlora.server.rounds import RoundLoop
 from fedlora.strategies.common import client_weights, weighted_sum
-from fedlora.strategies.rolora.math import aggregate_rolora, rolora_error, trained_factor, traffic, upload_part
+from fedlora.strategies.rolora.math import average_with_error, trained_factor, traffic, upload_part
 from fedlora.strategies.rolora.server import RoLoRAServer
 
 D, K, R = 12, 10, 4
@@ -64,20 +64,20 @@ def test_rounds_alternate_b_first():
 @pytest.mark.parametrize("server_round", [1, 2])
 def test_the_trained_factor_and_the_head_are_averaged(server_round):
     uploads, p = _uploads(server_round, 3), _weights(3)
-    average = aggregate_rolora(uploads, p, server_round)
+    average, _ = average_with_error(uploads, p, _global(), SCALE, server_round, measure=False)
     assert set(average) == set(uploads[0])
     for key in average:
         expected = sum(pk * u[key] for pk, u in zip(p, uploads))
         np.testing.assert_allclose(average[key], expected, rtol=1e-6, atol=1e-6)
-    with pytest.raises(ValueError, match="frozen"):
-        aggregate_rolora([{**u, **_global()} for u in uploads], p, server_round)
+    with pytest.raises(ValueError, match="must not contain the shared factor"):
+        average_with_error([{**u, **_global()} for u in uploads], p, _global(), SCALE, server_round)
 
 
 @pytest.mark.parametrize("server_round", [1, 2, 3, 4])
 def test_every_round_is_exact_against_the_dense_ideal_update(server_round):
     """s·B̄Ā = Σ_k p_k s·B_k A_k with the shared factor: dense float64 reference and agg_error both ≈ 0."""
     shared, uploads, p = _global(), _uploads(server_round, 4, seed=server_round), _weights(4)
-    average = aggregate_rolora(uploads, p, server_round)
+    average, metrics = average_with_error(uploads, p, shared, SCALE, server_round)
     new = {**shared, **average}
     for m in MODULES:
         ideal = sum(pk * _dense(*_client_factors(shared, u, m)) for pk, u in zip(p, uploads))
@@ -85,7 +85,11 @@ def test_every_round_is_exact_against_the_dense_ideal_update(server_round):
         exact = {**shared, trained: weighted_sum([u[trained] for u in uploads], p)}
         np.testing.assert_allclose(_dense(exact[m + LORA_B], exact[m + LORA_A]), ideal, rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(_dense(new[m + LORA_B], new[m + LORA_A]), ideal, rtol=1e-5, atol=1e-5)
-    assert rolora_error(uploads, p, shared, SCALE, server_round) < 1e-12
+    pairs = [(_dense(new[m + LORA_B], new[m + LORA_A]),
+              sum(pk * _dense(*_client_factors(shared, u, m)) for pk, u in zip(p, uploads))) for m in MODULES]
+    dense = np.sqrt(sum(np.linalg.norm(a - i) ** 2 for a, i in pairs) / sum(np.linalg.norm(i) ** 2 for _, i in pairs))
+    error = metrics["agg_error"]
+    assert error < 1e-6 and error == pytest.approx(dense, rel=1e-3, abs=1e-12), "the float32 rounding of the average"
 
 
 def test_a_factor_average_of_both_factors_would_be_inexact():

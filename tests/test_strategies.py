@@ -104,6 +104,18 @@ def test_same_seed_same_result(tmp_path, shared_runs, strategy):
         np.testing.assert_array_equal(a[key], b[key])
 
 
+@pytest.mark.parametrize("strategy", ["fedavg", "lorafair", "flora"])
+def test_agg_error_cadence_skips_the_metric_and_nothing_else(tmp_path, shared_runs, strategy):
+    """metrics.agg-error-every = 2: round 1 has no agg_error, round 2 has it, and the adapter is bit for bit the same."""
+    every_round, _ = shared_runs(strategy)
+    out, records = run(tmp_path, strategy, **{"metrics.agg-error-every": 2})
+    assert "agg_error" not in records[1] and "agg_error" in records[2]
+    a = load_file(str(every_round / "final_adapter" / "adapter_model.safetensors"))
+    b = load_file(str(out / "final_adapter" / "adapter_model.safetensors"))
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+
+
 def _flower_bytes(arrays: dict[str, tuple[int, ...]]) -> int:
     """Serialized bytes of float32 arrays as Flower counts them: payload + npy header + the array's name."""
     return sum(4 * int(np.prod(shape)) + NPY_HEADER + len(array_name(key)) for key, shape in arrays.items())

@@ -9,13 +9,17 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from fedlora.adapters.lora import LORA_A, LORA_B, adapter_state, load_adapter_state, lora_modules, merge_into_base
 from fedlora.adapters.lorasb import LORASB_A, LORASB_B, LORASB_R
-from fedlora.strategies.common import (
-    aggregate_extras, client_weights, concat_factors, difference, frobenius, ideal_factors, relative_error,
-    svd_of_factors, weighted_sum,
+from fedlora.strategies.fedavg import math as fedavg_math
+from fedlora.strategies.fedsb import math as fedsb_math
+from fedlora.strategies.ffa import math as ffa_math
+from fedlora.strategies.common import aggregate_extras, client_weights, concat_factors, ideal_factors, svd_of_factors, weighted_sum
+from fedlora.strategies.error_norms import (
+    averaging_error2, difference_grams, error_ratio, gram_inner, gram_norm2, rounding_error2, split_norms2, stack_norms2,
+    stack_rounding,
 )
-from fedlora.strategies.fedavg.math import fedavg_error, fedavg_states
-from fedlora.strategies.fedsb.math import aggregate_fedsb, fedsb_error, lorasb_init, lorasb_init_states
-from fedlora.strategies.ffa.math import aggregate_ffa, ffa_error, trainable_part
+from fedlora.strategies.fedavg.math import fedavg_states
+from fedlora.strategies.fedsb.math import lorasb_init, lorasb_init_states
+from fedlora.strategies.ffa.math import trainable_part
 from fedlora.strategies.flora.math import flora_error, stacked_state
 from fedlora.strategies.lorafair.math import aggregate_lorafair, lorafair_module
 
@@ -51,23 +55,109 @@ def _factors(states, m):
     return [s[m + LORA_B] for s in states], [s[m + LORA_A] for s in states]
 
 
+def fedavg_error(states, p, scale):
+    return fedavg_math.average_with_error(states, p, scale)[1]["agg_error"]
+
+
+def dense_ratio(pairs) -> float:
+    """sqrt(Σ‖applied − ideal‖²) / sqrt(Σ‖ideal‖²) over (applied, ideal) dense float64 matrices."""
+    pairs = list(pairs)
+    return float(np.sqrt(sum(np.linalg.norm(a - i) ** 2 for a, i in pairs) / sum(np.linalg.norm(i) ** 2 for _, i in pairs)))
+
+
 # ----- factored norms ------------------------------------------------------------------------
 @pytest.mark.parametrize("m", [3, 40])
-def test_frobenius_of_factors_equals_the_dense_norm(m):
+def test_gram_norms_and_inner_products_equal_the_dense_ones(m):
     rng = np.random.default_rng(7)
     U, V = rng.standard_normal((30, m)), rng.standard_normal((m, 20))
-    assert frobenius((U, V)) == pytest.approx(np.linalg.norm(U @ V), rel=1e-12)
     U2, V2 = rng.standard_normal((30, 2)), rng.standard_normal((2, 20))
-    np.testing.assert_allclose(np.matmul(*difference((U, V), (U2, V2))), U @ V - U2 @ V2, atol=1e-12)
+    assert gram_norm2(U, V) == pytest.approx(np.linalg.norm(U @ V) ** 2, rel=1e-12)
+    assert gram_inner(U, V, U2, V2) == pytest.approx(np.sum((U @ V) * (U2 @ V2)), rel=1e-12)
 
 
-def test_relative_error_sums_modules_in_quadrature():
+@pytest.mark.parametrize("clients", [1, 2, 4])
+def test_averaging_error_and_ideal_equal_the_dense_norms(clients):
+    rng = np.random.default_rng(3)
+    Bs, As = [rng.standard_normal((D, 3)) for _ in range(clients)], [rng.standard_normal((3, K)) for _ in range(clients)]
+    p, s = _weights(clients), 2.5
+    B_bar, A_bar = weighted_sum(Bs, p), weighted_sum(As, p)
+    ideal = ideal_update(Bs, As, [s] * clients, p)
+    error2, ideal2 = averaging_error2(Bs, As, p, B_bar, A_bar, s)
+    assert error2 == pytest.approx(np.linalg.norm(ideal - s * B_bar @ A_bar) ** 2, rel=1e-10, abs=1e-20)
+    assert ideal2 == pytest.approx(np.linalg.norm(ideal) ** 2, rel=1e-12)
+    assert (error2 > 0) == (clients > 1)
+
+
+def test_averaging_error_of_float32_uploads_keeps_its_precision_when_clients_nearly_agree():
+    """Centred factors: a spread of 1e-3 between clients still gives the error to 1e-4, in float32 Grams."""
+    rng = np.random.default_rng(9)
+    B0, A0 = rng.standard_normal((64, 4)), rng.standard_normal((4, 48))
+    Bs = [(B0 + 1e-3 * rng.standard_normal(B0.shape)).astype(np.float32) for _ in range(5)]
+    As = [(A0 + 1e-3 * rng.standard_normal(A0.shape)).astype(np.float32) for _ in range(5)]
+    p = _weights(5)
+    B_bar, A_bar = weighted_sum(Bs, p), weighted_sum(As, p)
+    exact = ideal_update(Bs, As, [1.0] * 5, p) - B_bar @ A_bar
+    error2, _ = averaging_error2(Bs, As, p, B_bar, A_bar)
+    assert np.sqrt(error2) == pytest.approx(np.linalg.norm(exact), rel=1e-4)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_difference_grams_are_the_grams_of_the_scaled_difference_stack(side, monkeypatch):
+    monkeypatch.setattr("fedlora.strategies.error_norms.ROW_BLOCK", 5)  # several blocks and a partial one
+    rng = np.random.default_rng(6)
+    shape = (D, 3) if side == "left" else (3, D)
+    factors, reference = [rng.standard_normal(shape) for _ in range(3)], rng.standard_normal(shape)
+    coefficients, probe = [0.5, 1.0, -2.0], rng.standard_normal((D, 2) if side == "left" else (2, D))
+    parts = [c * (F - reference) for F, c in zip(factors, coefficients)]
+    stack = np.concatenate(parts, axis=1 if side == "left" else 0)
+    gram, cross = difference_grams(factors, reference, coefficients, probe, side)
+    if side == "left":
+        np.testing.assert_allclose(gram, stack.T @ stack, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(cross, probe.T @ stack, rtol=1e-12, atol=1e-12)
+    else:
+        np.testing.assert_allclose(gram, stack @ stack.T, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(cross, probe @ stack.T, rtol=1e-12, atol=1e-12)
+
+
+def test_rounding_error_is_the_float32_rounding_of_the_middle_factor():
+    rng = np.random.default_rng(4)
+    L, X, F = rng.standard_normal((D, 3)), rng.standard_normal((3, 3)), rng.standard_normal((3, K))
+    X32 = X.astype(np.float32)
+    error2, ideal2 = rounding_error2(X, X32, F @ F.T, 0.5, left_gram=L.T @ L)
+    dense = 0.5 * L @ (X32.astype(np.float64) - X) @ F
+    assert error2 == pytest.approx(np.linalg.norm(dense) ** 2, rel=1e-8) and error2 > 0
+    assert ideal2 == pytest.approx(np.linalg.norm(0.5 * L @ X @ F) ** 2, rel=1e-12)
+    Y = rng.standard_normal((D, 3))
+    error2, ideal2 = rounding_error2(Y, Y.astype(np.float32), F @ F.T)
+    assert error2 == pytest.approx(np.linalg.norm((Y.astype(np.float32) - Y) @ F) ** 2, rel=1e-8)
+    assert ideal2 == pytest.approx(np.linalg.norm(Y @ F) ** 2, rel=1e-12)
+
+
+def test_stack_norms_measure_the_rounding_of_the_right_factor():
+    rng = np.random.default_rng(5)
+    U, As, c = rng.standard_normal((D, 6)), [rng.standard_normal((2, K)) for _ in range(3)], [0.3, 1.7, -1.0]
+    V = np.concatenate([ci * A for ci, A in zip(c, As)])
+    V32 = V.astype(np.float32).astype(np.float64)
+    rounding = stack_rounding(V32, As, c)
+    np.testing.assert_allclose(rounding, V32 - V, rtol=1e-12, atol=1e-20)
+    error2, ideal2 = stack_norms2(U, V32, rounding)
+    assert error2 == pytest.approx(np.linalg.norm(U @ (V32 - V)) ** 2, rel=1e-8)
+    assert ideal2 == pytest.approx(np.linalg.norm(U @ V) ** 2, rel=1e-6)
+    _, head2 = stack_norms2(U, V32, rounding, ideal_inner=4)
+    assert head2 == pytest.approx(np.linalg.norm(U[:, :4] @ V32[:4]) ** 2, rel=1e-12)
+
+
+def test_error_ratio_sums_modules_in_quadrature():
+    assert error_ratio(iter([(1.0, 4.0), (3.0, 12.0)])) == pytest.approx(np.sqrt(4.0 / 16.0))
+    assert error_ratio(iter([(0.0, 0.0)])) == 0.0
+
+
+def test_split_norms_are_the_whole_and_the_trailing_product():
     rng = np.random.default_rng(8)
-    pairs = [((rng.standard_normal((9, 2)), rng.standard_normal((2, 7))), (rng.standard_normal((9, 3)), rng.standard_normal((3, 7))))
-             for _ in range(3)]
-    num = sum(np.linalg.norm(a[0] @ a[1] - i[0] @ i[1]) ** 2 for a, i in pairs)
-    den = sum(np.linalg.norm(i[0] @ i[1]) ** 2 for _, i in pairs)
-    assert relative_error(iter(pairs)) == pytest.approx(np.sqrt(num / den), rel=1e-12)
+    U, V = rng.standard_normal((D, 7)), rng.standard_normal((7, K))
+    whole, tail = split_norms2(U, V, 3)
+    assert whole == pytest.approx(np.linalg.norm(U @ V) ** 2, rel=1e-12)
+    assert tail == pytest.approx(np.linalg.norm(U[:, 3:] @ V[3:]) ** 2, rel=1e-12)
 
 
 # ----- FedAvg (FedIT) -----------------------------------------------------------------
@@ -101,7 +191,7 @@ def test_ffa_uploads_no_A_and_averages_B_exactly():
     uploads = [trainable_part(st) for st in full]
     assert all(not k.endswith(LORA_A) for u in uploads for k in u) and all(HEAD in u for u in uploads)
     frozen_A = {k: v for k, v in full[0].items() if k.endswith(LORA_A)}
-    agg = aggregate_ffa(uploads, p)
+    agg, metrics = ffa_math.average_with_error(uploads, p, frozen_A, s)
     assert set(agg) == set(uploads[0]), "aggregate carries exactly the uploaded tensors; A stays untouched"
     for m in MODULES:
         Bs = [u[m + LORA_B] for u in uploads]
@@ -109,13 +199,16 @@ def test_ffa_uploads_no_A_and_averages_B_exactly():
         np.testing.assert_allclose(agg[m + LORA_B], weighted_sum(Bs, p), rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(s * weighted_sum(Bs, p) @ A, sum(pk * s * B @ A for pk, B in zip(p, Bs)), atol=1e-12)
     np.testing.assert_allclose(agg[HEAD], weighted_sum([u[HEAD] for u in uploads], p), rtol=1e-6, atol=1e-6)
-    assert ffa_error(uploads, p, frozen_A, s) < 1e-14
+    applied = [(s * agg[m + LORA_B].astype(np.float64) @ frozen_A[m + LORA_A],
+                sum(pk * s * u[m + LORA_B] @ frozen_A[m + LORA_A] for pk, u in zip(p, uploads))) for m in MODULES]
+    error = metrics["agg_error"]
+    assert 0 < error < 1e-6 and error == pytest.approx(dense_ratio(applied), rel=1e-4), "the float32 rounding of B̄"
 
 
 def test_ffa_rejects_uploads_with_A():
     states = _lora_states([2, 2])
     with pytest.raises(ValueError, match="frozen"):
-        aggregate_ffa(states, _weights(2))
+        ffa_math.average_with_error(states, _weights(2), {}, 1.0)
 
 
 # ----- FLoRA ------------------------------------------------------------------------------
@@ -298,7 +391,7 @@ def test_fedsb_averaging_R_is_exact():
     assert set(initial) == {m + LORASB_R for m in MODULES}
     uploads = [{**{m + LORASB_R: rng.standard_normal((r, r)) for m in MODULES}, HEAD: rng.standard_normal((3, D))}
                for _ in range(4)]
-    agg = aggregate_fedsb(uploads, p)
+    agg, metrics = fedsb_math.average_with_error(uploads, p, frozen, s)
     assert set(agg) == set(uploads[0])
     for m in MODULES:
         B, A = frozen[m + LORASB_B].astype(np.float64), frozen[m + LORASB_A].astype(np.float64)
@@ -306,12 +399,18 @@ def test_fedsb_averaging_R_is_exact():
         ideal = sum(pk * s * B @ R @ A for pk, R in zip(p, Rs))
         np.testing.assert_allclose(s * B @ weighted_sum(Rs, p) @ A, ideal, atol=1e-12)
         np.testing.assert_allclose(agg[m + LORASB_R], weighted_sum(Rs, p), rtol=1e-6, atol=1e-6)
-    assert fedsb_error(uploads, p, frozen, s) < 1e-14
-    with pytest.raises(ValueError, match="frozen"):
-        aggregate_fedsb([{**u, **frozen} for u in uploads], p)
+    pairs = []
+    for m in MODULES:
+        B, A = frozen[m + LORASB_B].astype(np.float64), frozen[m + LORASB_A].astype(np.float64)
+        pairs.append((s * B @ agg[m + LORASB_R].astype(np.float64) @ A,
+                      sum(pk * s * B @ u[m + LORASB_R] @ A for pk, u in zip(p, uploads))))
+    error = metrics["agg_error"]
+    assert 0 < error < 1e-6 and error == pytest.approx(dense_ratio(pairs), rel=1e-4), "the float32 rounding of R̄"
+    with pytest.raises(ValueError, match="fixed B or A"):
+        fedsb_math.average_with_error([{**u, **frozen} for u in uploads], p, frozen, s)
 
 
 def test_uploads_with_different_tensors_are_rejected():
     uploads = [{"x" + LORASB_R: np.eye(2)}, {"y" + LORASB_R: np.eye(2)}]
     with pytest.raises(ValueError, match="different tensors"):
-        aggregate_fedsb(uploads, _weights(2))
+        fedsb_math.average_with_error(uploads, _weights(2), {}, 1.0)

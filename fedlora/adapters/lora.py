@@ -16,7 +16,7 @@ import peft
 import torch
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
-from fedlora.adapters.state import AdapterState
+from fedlora.adapters.state import AdapterState, to_tensor
 from fedlora.config import LoraConfig
 from fedlora.models.loading import load_base_model
 from fedlora.process_cache import process_cache
@@ -92,7 +92,7 @@ def load_adapter_state(model: PeftModel, state: AdapterState) -> None:
         if tuple(state[key].shape) != tuple(value.shape):
             raise ValueError(f"adapter tensor {key!r} has shape {state[key].shape}, the model expects {tuple(value.shape)}")
     device = next(model.parameters()).device
-    tensors = {k: torch.as_tensor(np.asarray(v), dtype=own[k].dtype, device=device) for k, v in state.items()}
+    tensors = {k: to_tensor(v, own[k].dtype, device) for k, v in state.items()}
     result = set_peft_model_state_dict(model, tensors)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
@@ -120,11 +120,11 @@ def merge_into_base(model: PeftModel, update: AdapterState) -> None:
     with torch.no_grad():
         for module in lora_modules(update):
             weight = model.get_submodule(module).base_layer.weight
-            B, A = (torch.as_tensor(update[module + suffix]).to(weight.device, weight.dtype) for suffix in (LORA_B, LORA_A))
+            B, A = (to_tensor(update[module + suffix], weight.dtype, weight.device) for suffix in (LORA_B, LORA_A))
             weight.addmm_(B, A)  # W0 += B·A accumulated in place: no dense d×k temporary
         for key in (k for k in update if k.endswith(DENSE_DELTA)):
             weight = model.get_submodule(key[: -len(DENSE_DELTA)]).base_layer.weight
-            weight.add_(torch.as_tensor(update[key]).to(weight.device, weight.dtype))
+            weight.add_(to_tensor(update[key], weight.dtype, weight.device))
 
 
 def fresh_lora_state(model: PeftModel, seed: int | tuple[int, ...]) -> AdapterState:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from fedlora.adapters.lora import LORA_A, LORA_B
-from fedlora.adapters.state import AdapterState
+from fedlora.adapters.state import AdapterState, to_tensor
 
 Factors = tuple[np.ndarray, np.ndarray, np.ndarray]
 LORASB_A = ".lorasb_A.weight"
@@ -28,7 +28,7 @@ LORASB_R = ".lorasb_R.weight"
 
 def _factor_layer(weight: np.ndarray | torch.Tensor, dtype: torch.dtype, device: torch.device, trainable: bool) -> nn.Linear:
     """A bias-free Linear whose weight (out×in) is ``weight``."""
-    w = torch.as_tensor(np.asarray(weight), dtype=dtype, device=device)
+    w = to_tensor(weight, dtype, device)
     layer = nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=dtype, device=device)
     with torch.no_grad():
         layer.weight.copy_(w)
@@ -124,7 +124,7 @@ def load_lorasb_state(model: nn.Module, state: AdapterState) -> None:
             shape = tuple(np.shape(state[name]))
             if shape != tuple(param.shape):
                 raise ValueError(f"LoRA-SB tensor {name!r} has shape {shape}, the model expects {tuple(param.shape)}")
-            param.copy_(torch.as_tensor(np.asarray(state[name]), dtype=param.dtype, device=param.device))
+            param.copy_(to_tensor(state[name], param.dtype, param.device))
 
 
 def lorasb_modules(state: AdapterState) -> list[str]:

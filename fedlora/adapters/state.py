@@ -8,5 +8,11 @@ is an :data:`AdapterState`.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 AdapterState = dict[str, np.ndarray]
+
+
+def to_tensor(array: np.ndarray, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+    """A torch copy of ``array`` (received arrays are read-only views of a message's bytes: never alias them)."""
+    return torch.tensor(np.asarray(array), dtype=dtype, device=device)

@@ -1,23 +1,88 @@
-"""Adapter state <-> Flower ArrayRecord, and the exact bytes that travel."""
+"""Adapter state <-> Flower ArrayRecord, and the exact bytes that travel.
+
+Unpacking is zero-copy: every array of a received record becomes a read-only numpy view of
+the record's own bytes (Flower's ``Array.numpy()`` copies through ``np.load``). The npy
+header of each array is parsed and checked (dtype, shape, C order, no pickled objects)
+before the view is made, so a malformed array is refused, never guessed at.
+"""
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import io
+import math
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
 from fedlora.adapters.state import AdapterState
 
+NUMPY_STYPE = "numpy.ndarray"
+
 
 def to_record(state: AdapterState) -> ArrayRecord:
-    """Pack float32 arrays (in key order) into an ArrayRecord."""
-    return ArrayRecord({k: Array(np.ascontiguousarray(v, dtype=np.float32)) for k, v in state.items()})
+    """Pack float32 arrays (in key order) into an ArrayRecord (:func:`npy_array`)."""
+    return ArrayRecord({k: npy_array(v) for k, v in state.items()})
+
+
+def npy_array(value: np.ndarray) -> Array:
+    """A float32 Flower Array holding exactly what ``np.save`` writes (npy 1.0), with one copy of the values.
+
+    Flower's ``Array(ndarray)`` goes through ``np.save`` into a growing BytesIO and copies the result
+    again (~8× slower for a 2.6 MB stack); here the cached header and the array's buffer are joined once.
+    """
+    array = np.ascontiguousarray(value, dtype=np.float32)
+    data = b"".join((npy_header_bytes(array.shape, array.dtype.str), array.data))
+    return Array(dtype=str(array.dtype), shape=tuple(array.shape), stype=NUMPY_STYPE, data=data)
+
+
+@functools.lru_cache(maxsize=4096)
+def npy_header_bytes(shape: tuple[int, ...], descr: str) -> bytes:
+    """The npy 1.0 header ``np.save`` writes for a C-order array of ``shape`` and dtype ``descr``."""
+    stream = io.BytesIO()
+    np.lib.format.write_array_header_1_0(stream, {"descr": descr, "fortran_order": False, "shape": shape})
+    return stream.getvalue()
+
+
+#: the npy magic string, then the format version (major, minor)
+NPY_MAGIC = b"\x93NUMPY"
+
+
+def array_view(array: Array) -> np.ndarray:
+    """A read-only view of an Array's payload (no copy); ``ValueError`` for anything but a plain C-order npy array."""
+    if array.stype != NUMPY_STYPE:
+        raise ValueError(f"array of serialization type {array.stype!r}, expected {NUMPY_STYPE!r}")
+    data = array.data
+    if data[:6] != NPY_MAGIC or len(data) < 12:
+        raise ValueError("array payload is not in npy format")
+    length_bytes = {1: 2, 2: 4}.get(data[6])
+    if length_bytes is None or data[7] != 0:
+        raise ValueError(f"array in npy format version {data[6]}.{data[7]}, expected 1.0 or 2.0")
+    offset = 8 + length_bytes + int.from_bytes(data[8:8 + length_bytes], "little")
+    shape, dtype = npy_header(bytes(data[:offset]))
+    count = math.prod(shape)
+    if len(data) - offset != count * dtype.itemsize:
+        raise ValueError(f"array payload of {len(data) - offset} bytes for shape {shape} and dtype {dtype}")
+    return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
+
+
+@functools.lru_cache(maxsize=4096)
+def npy_header(header: bytes) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) of an npy header (magic to the end of the header dict), parsed and checked by numpy's own
+    reader; ``ValueError`` for Fortran order or object dtypes. Cached: a round's replies repeat a few headers."""
+    stream = io.BytesIO(header)
+    version = np.lib.format.read_magic(stream)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(stream)
+    if fortran or dtype.hasobject:
+        raise ValueError(f"array with {'Fortran order' if fortran else 'object dtype'}: not a plain numpy array")
+    return tuple(shape), dtype
 
 
 def from_record(record: ArrayRecord) -> AdapterState:
-    """Unpack an ArrayRecord into numpy arrays."""
-    return {k: v.numpy() for k, v in record.items()}
+    """Unpack an ArrayRecord into read-only numpy views of its bytes (see the module docstring)."""
+    return {k: array_view(v) for k, v in record.items()}
 
 
 def record_bytes(record: ArrayRecord) -> int:

@@ -50,18 +50,6 @@ def capped_shares(weights: np.ndarray, max_share: float) -> np.ndarray:
         capped |= over
 
 
-def update_norm(upload: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> float:
-    """‖upload − reference‖₂ over every uploaded tensor (a missing or differently shaped reference counts as zero)."""
-    total = 0.0
-    for key, value in upload.items():
-        ref = reference.get(key)
-        x = np.asarray(value, dtype=np.float32).ravel()
-        if ref is not None and np.shape(ref) == np.shape(value):
-            x = x - np.asarray(ref, dtype=np.float32).ravel()
-        total += float(np.dot(x, x))
-    return float(np.sqrt(total))
-
-
 def norm_ratios(norms: np.ndarray) -> np.ndarray:
     """r_k = ‖Δ_k‖ / median_{j≠k} ‖Δ_j‖ (1 for a lone client; inf when the others' median is 0 and ‖Δ_k‖ > 0)."""
     norms = np.asarray(norms, dtype=np.float64)
@@ -75,7 +63,8 @@ def norm_ratios(norms: np.ndarray) -> np.ndarray:
 
 
 def scaled_update(upload: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], factor: float) -> AdapterState:
-    """reference + factor·(upload − reference) per tensor, float32 (the same zero-reference rule as :func:`update_norm`)."""
+    """reference + factor·(upload − reference) per tensor, float32 (a tensor without a same-shaped reference is
+    measured and scaled against zero, as :func:`fedlora.server.validation.validate_upload` measures it)."""
     out: AdapterState = {}
     for key, value in upload.items():
         ref = reference.get(key)

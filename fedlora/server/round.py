@@ -25,6 +25,8 @@ class ClientUpdate:
     state: AdapterState
     num_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
+    #: ‖state − the state it started from‖₂, measured when the reply was validated (the norm bound's input)
+    update_norm: float = 0.0
 
 
 @dataclass

@@ -14,6 +14,9 @@ next to the failures (``rejected``).
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import os
 import random
 import secrets
 import time
@@ -23,9 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
+from threadpoolctl import ThreadpoolController
 
 from fedlora.adapters.transport import from_record, record_bytes, to_record
 from fedlora.config import RunConfig
@@ -34,7 +38,7 @@ from fedlora.protocol import (
 )
 from fedlora.adapters.state import AdapterState
 from fedlora.server.checkpoint import Checkpoint, write_checkpoint
-from fedlora.server.influence import capped_shares, norm_ratios, scaled_update, update_norm
+from fedlora.server.influence import capped_shares, norm_ratios, scaled_update
 from fedlora.server.report import RoundReporter
 from fedlora.server.round import ClientUpdate, Round
 from fedlora.server.strategy import ServerStrategy
@@ -44,6 +48,30 @@ from fedlora.strategies.common import client_weights
 Expected = Callable[[ClientUpdate], Shapes]
 #: seconds between pulls for the replies of a round (Flower's Grid.send_and_receive waits 3 s between pulls)
 REPLY_POLL_SECONDS = 0.25
+#: BLAS threads of the server's math (unpacking, validation, bounds, aggregation, agg_error)
+SERVER_THREADS_ENV = "FEDLORA_SERVER_THREADS"
+
+
+def server_threads() -> int:
+    """``$FEDLORA_SERVER_THREADS``, default 1: the server's matrix products are small and many, and a BLAS pool
+    that spins on cores the clients, Ray or another process are using costs far more than it saves (measured:
+    one ``agg_error`` call 2.2–4.5 s with the default pool on a loaded 2-core machine, 0.02–0.04 s with one
+    thread). A dedicated server host can raise it."""
+    raw = os.environ.get(SERVER_THREADS_ENV, "1")
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"{SERVER_THREADS_ENV}={raw!r} is not a positive integer")
+    return int(raw)
+
+
+@functools.cache
+def _blas_controller() -> ThreadpoolController:
+    """The process's BLAS/OpenMP libraries, found once (finding them reads the loaded libraries: ~1.5 ms)."""
+    return ThreadpoolController()
+
+
+def server_math_threads() -> contextlib.AbstractContextManager[object]:
+    """A context in which the BLAS pool uses :func:`server_threads` threads (restored on exit)."""
+    return _blas_controller().limit(limits=server_threads(), user_api="blas")
 
 
 class RoundLoop:
@@ -96,8 +124,14 @@ class RoundLoop:
         config = {SERVER_ROUND: number, RUN_KEY: self.run_key, **self.strategy.client_config(number),
                   **(extra_config or {})}
         messages, total = [], 0
+        # a state sent to many nodes is packed once (records are only read); holding the state keeps its id unique
+        packed: dict[int, tuple[AdapterState, ArrayRecord]] = {}
         for node in nodes:
-            records = {name: to_record(state) for name, state in self.strategy.downloads(number, node).items()}
+            records = {}
+            for name, state in self.strategy.downloads(number, node).items():
+                if id(state) not in packed:
+                    packed[id(state)] = (state, to_record(state))
+                records[name] = packed[id(state)][1]
             total += sum(record_bytes(r) for r in records.values())
             content = RecordDict({**records, CONFIG: ConfigRecord(dict(config))})
             messages.append(Message(content=content, message_type=message_type, dst_node_id=node))
@@ -131,7 +165,7 @@ class RoundLoop:
             return f"reply arrived past round-timeout = {self.cfg.round_timeout:g} s (simulated delay {delay:g} s; late, discarded)"
         return None
 
-    def _parse(self, sent: Round, reply: Message, expected: Expected) -> ClientUpdate:
+    def _parse(self, sent: Round, reply: Message, expected: Expected, reference: AdapterState) -> ClientUpdate:
         """The reply as a validated :class:`ClientUpdate`; :class:`InvalidUpdate` says why it is not usable."""
         content = reply.content
         if METRICS not in content.metric_records or ARRAYS not in content.array_records:
@@ -144,11 +178,13 @@ class RoundLoop:
             num_examples=num_examples_of(metrics),
             metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
         )
-        validate_upload(update.state, expected(update), self.cfg.validation.max_rms)
+        update.update_norm = float(np.sqrt(validate_upload(update.state, expected(update), self.cfg.validation.max_rms,
+                                                           reference)))
         return update
 
-    def collect(self, sent: Round, replies: Iterable[Message], expected: Expected) -> Round:
-        """Fill ``sent`` with the valid updates, their bytes and every failure, in node order (not arrival order)."""
+    def collect(self, sent: Round, replies: Iterable[Message], expected: Expected, reference: AdapterState) -> Round:
+        """Fill ``sent`` with the valid updates, their bytes and every failure, in node order (not arrival order);
+        each update's norm is measured against ``reference``, the state the clients started from."""
         replies = sorted(replies, key=sent.node_of)
         for reply in replies:
             node = sent.node_of(reply)
@@ -167,7 +203,7 @@ class RoundLoop:
                 sent.rejected.append(f"{source}: {late}")
                 continue
             try:
-                update = self._parse(sent, reply, expected)
+                update = self._parse(sent, reply, expected, reference)
             except InvalidUpdate as err:
                 sent.rejected.append(f"{source} rejected: {err}")
                 continue
@@ -184,7 +220,7 @@ class RoundLoop:
         the weights p_k of ``done.updates`` after the cap (:mod:`fedlora.server.influence`)."""
         bounds = self.cfg.validation
         if bounds.max_norm_ratio > 0 and len(done.updates) > 1:
-            norms = [update_norm(u.state, reference) for u in done.updates]
+            norms = [u.update_norm for u in done.updates]
             for update, norm, ratio in zip(done.updates, norms, norm_ratios(norms)):
                 if ratio > bounds.max_norm_ratio:
                     update.state = scaled_update(update.state, reference, bounds.max_norm_ratio / ratio)
@@ -207,7 +243,11 @@ class RoundLoop:
             return {"bytes_up": 0.0, "bytes_down": 0.0}
         nodes = self.sample(grid, self.cfg.fraction_train)
         sent, replies = self.send(grid, 0, nodes, MessageType.TRAIN, config)
-        done = self.collect(sent, replies, self.strategy.setup_expected_upload)
+        with server_math_threads():
+            return self._finish_setup(sent, replies)
+
+    def _finish_setup(self, sent: Round, replies: list[Message]) -> dict[str, float]:
+        done = self.collect(sent, replies, self.strategy.setup_expected_upload, {})
         if not done.updates:
             raise RuntimeError(f"the setup phase of strategy {self.cfg.strategy!r} received no valid reply "
                                f"({'; '.join(done.rejected) or 'no node connected'})")
@@ -220,7 +260,13 @@ class RoundLoop:
         """Send, collect, aggregate one training round; its record (without evaluation)."""
         nodes = self.sample(grid, self.cfg.fraction_train)
         sent, replies = self.send(grid, number, nodes, MessageType.TRAIN)
-        done = self.collect(sent, replies, lambda update: self.strategy.expected_upload(number, update))
+        with server_math_threads():
+            return self.aggregate_round(number, nodes, sent, replies)
+
+    def aggregate_round(self, number: int, nodes: list[int], sent: Round, replies: list[Message]) -> dict[str, Any]:
+        """Everything between a training round's replies and its record: unpack and validate, bound, aggregate."""
+        done = self.collect(sent, replies, lambda update: self.strategy.expected_upload(number, update),
+                            self.strategy.state)
         self.strategy.delivered(number, [u.node_id for u in done.updates])
         record: dict[str, Any] = done.metrics()
         if done.rejected:

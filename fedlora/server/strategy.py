@@ -60,6 +60,11 @@ class ServerStrategy(ABC):
         self.cfg = cfg
         self.state: AdapterState = initial_state
 
+    def measures_error(self, server_round: int) -> bool:
+        """Whether ``server_round`` reports ``agg_error`` (``metrics.agg-error-every``: every N-th round, 0 = never)."""
+        every = self.cfg.metrics.agg_error_every
+        return every > 0 and server_round % every == 0
+
     # ----- a training round ----------------------------------------------------------------
     def downloads(self, server_round: int, node_id: int) -> dict[str, AdapterState]:
         """Array records node ``node_id`` receives this round, by record name (default: the global adapter)."""

@@ -11,6 +11,11 @@ accepted only if
 * every value is finite (no NaN or ±Inf);
 * every tensor's root-mean-square ``sqrt(mean(x²))`` is at most ``validation.max-rms``.
 
+Both value checks are one float32 pass over each tensor (its dot product with itself, which
+a NaN, an Inf or an overflow turn non-finite), block by block; only a tensor that fails is
+looked at again, to name the problem. The same pass measures the upload's distance to the
+state it started from, for the norm bound (:mod:`fedlora.server.influence`).
+
 The RMS bound is per tensor and per element, so one threshold fits every model size:
 LoRA's A starts at RMS 1/√(3k) < 1, B and R near the initial values the server sent, and
 trained adapters stay far below 1 at usual learning rates; an RMS of 10 (the default)
@@ -40,26 +45,56 @@ def num_examples_of(metrics: Mapping[str, object]) -> int:
     return int(value)
 
 
-def validate_upload(state: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]], max_rms: float) -> None:
-    """Raise :class:`InvalidUpdate` naming the first problem of ``state`` (see the module docstring)."""
+#: elements per block of :func:`validate_upload`: a block and its difference stay in the CPU cache
+BLOCK = 1 << 14
+
+
+def validate_upload(state: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]], max_rms: float,
+                    reference: Mapping[str, np.ndarray] | None = None) -> float:
+    """Raise :class:`InvalidUpdate` naming the first problem of ``state`` (see the module docstring); else return
+    ‖state − reference‖² over every tensor (a tensor without a same-shaped reference counts against zero).
+
+    The distance is what the norm bound of :mod:`fedlora.server.influence` needs; it comes from the
+    same pass that checks the values, block by block: each block's squares, then its difference
+    to the reference in a reused float32 buffer, while the block is still in the cache.
+    """
     missing = sorted(set(expected) - set(state))
     if missing:
         raise InvalidUpdate(f"missing tensor(s) {missing[:3]}")
     unexpected = sorted(set(state) - set(expected))
     if unexpected:
         raise InvalidUpdate(f"unexpected tensor(s) {unexpected[:3]}")
+    reference = reference or {}
+    buffer = np.empty(BLOCK, dtype=np.float32)
+    distance = 0.0
     for key in sorted(expected):
         array = state[key]
         if array.dtype != np.float32:
             raise InvalidUpdate(f"tensor {key!r} has dtype {array.dtype}, expected float32")
         if tuple(array.shape) != tuple(expected[key]):
             raise InvalidUpdate(f"tensor {key!r} has shape {tuple(array.shape)}, expected {tuple(expected[key])}")
-        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
-        if bad:
-            raise InvalidUpdate(f"tensor {key!r} has {bad} non-finite value(s) (NaN/Inf)")
-        rms = float(np.sqrt(np.mean(np.square(array, dtype=np.float64)))) if array.size else 0.0
+        flat = array.reshape(-1)
+        ref = reference.get(key)
+        ref_flat = np.asarray(ref, dtype=np.float32).reshape(-1) if ref is not None and np.shape(ref) == array.shape else None
+        squares, differences = 0.0, 0.0
+        for start in range(0, flat.size, BLOCK):
+            block = flat[start:start + BLOCK]
+            block_squares = float(np.dot(block, block))  # NaN/Inf (or overflow) make it non-finite
+            squares += block_squares
+            if ref_flat is None:
+                differences += block_squares
+            else:
+                delta = np.subtract(block, ref_flat[start:start + BLOCK], out=buffer[: block.size])
+                differences += float(np.dot(delta, delta))
+        if not np.isfinite(squares):
+            bad = int(flat.size - np.count_nonzero(np.isfinite(flat)))
+            if bad:
+                raise InvalidUpdate(f"tensor {key!r} has {bad} non-finite value(s) (NaN/Inf)")
+        rms = float(np.sqrt(squares / flat.size)) if flat.size else 0.0
         if rms > max_rms:
             raise InvalidUpdate(f"tensor {key!r} has root-mean-square {rms:.3g} > validation.max-rms = {max_rms:g}")
+        distance += differences
+    return distance
 
 
 def announced_rank(metrics: Mapping[str, float], allowed: set[int]) -> int:

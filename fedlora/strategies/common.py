@@ -1,15 +1,14 @@
-"""Math every strategy shares: client weights p_k, weighted averages, the aggregation error.
+"""Math every strategy shares: client weights p_k, weighted averages, stacked factors.
 
 Notation: client k has LoRA factors A_k (r×k), B_k (d×r), scale s_k = α/r_k and weight
 p_k = n_k / Σ_j n_j (or 1/K when weighting is uniform). The ideal global update of a
-module is ``ΔW* = Σ_k p_k s_k B_k A_k``; a strategy applies some ΔW, and its aggregation
-error is ``‖ΔW − ΔW*‖_F / ‖ΔW*‖_F`` with both norms summed over all adapted modules.
-All math runs in float64 on numpy arrays.
+module is ``ΔW* = Σ_k p_k s_k B_k A_k``. Averages are summed in float64 and stored as
+float32; the norms behind every ``agg_error`` live in :mod:`fedlora.strategies.error_norms`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -33,6 +32,26 @@ def client_weights(num_examples: Sequence[int], mode: str) -> np.ndarray:
 def weighted_average(states: Sequence[Mapping[str, np.ndarray]], weights: np.ndarray, keys: Iterable[str]) -> AdapterState:
     """``{key: Σ_k p_k X_k[key]}`` computed in float64, returned as float32."""
     return {key: weighted_sum([state[key] for state in states], weights).astype(np.float32) for key in keys}
+
+
+def averages_with_rounding(states: Sequence[Mapping[str, np.ndarray]], weights: np.ndarray, keys: Iterable[str],
+                           rounding: Callable[[str, np.ndarray, np.ndarray], tuple[float, float] | None] | None,
+                           ) -> tuple[AdapterState, list[tuple[float, float]]]:
+    """(:func:`weighted_average` of ``keys``, and ``rounding(key, exact, stored)`` for each key where it is not None).
+
+    For the strategies whose average is exact (FFA-LoRA, RoLoRA, Fed-SB): their only error is
+    the float32 rounding of what they store, and ``rounding`` measures it from the float64
+    average while it exists — one key at a time, so no float64 copy of the adapter is held.
+    """
+    out: AdapterState = {}
+    errors: list[tuple[float, float]] = []
+    for key in keys:
+        exact = weighted_sum([state[key] for state in states], weights)
+        out[key] = exact.astype(np.float32)
+        measured = rounding(key, exact, out[key]) if rounding is not None else None
+        if measured is not None:
+            errors.append(measured)
+    return out, errors
 
 
 #: elements per block of :func:`weighted_sum`: its float64 block of all K clients stays in the CPU cache
@@ -68,43 +87,19 @@ def ideal_factors(Bs: Sequence[np.ndarray], As: Sequence[np.ndarray], scales: Se
                   weights: np.ndarray, dtype: type = np.float64) -> Factored:
     """ΔW* = Σ_k p_k s_k B_k A_k as factors: U = [B_1 … B_K] (d × Σr_k), V = [p_1 s_1 A_1; …; p_K s_K A_K].
 
-    This is FLoRA's stacking; any mix of ranks r_k. Each p_k s_k A_k is formed in float64,
-    then both factors are stored as ``dtype`` (float32 for what travels: no float64 copy).
+    This is FLoRA's stacking; any mix of ranks r_k. Both factors are written straight into
+    arrays of ``dtype`` (float32 for what travels): each p_k s_k A_k is computed in float64 and
+    rounded once, with no float64 copy of the stack.
     """
-    U = np.concatenate([np.asarray(B, dtype=dtype) for B in Bs], axis=1)
-    V = np.concatenate([((p * s) * np.asarray(A, dtype=np.float64)).astype(dtype, copy=False)
-                        for A, p, s in zip(As, weights, scales)], axis=0)
+    ranks = [np.shape(A)[0] for A in As]
+    U = np.empty((np.shape(Bs[0])[0], sum(ranks)), dtype=dtype)
+    V = np.empty((sum(ranks), np.shape(As[0])[1]), dtype=dtype)
+    start = 0
+    for B, A, p, s, r in zip(Bs, As, weights, scales, ranks):
+        U[:, start:start + r] = B
+        np.multiply(A, float(p * s), out=V[start:start + r], dtype=np.float64, casting="same_kind")
+        start += r
     return U, V
-
-
-def difference(a: Factored, b: Factored) -> Factored:
-    """a − b as factors: [U_a, −U_b] · [V_a; V_b]."""
-    return np.concatenate([a[0], -b[0]], axis=1), np.concatenate([a[1], b[1]], axis=0)
-
-
-def frobenius(f: Factored) -> float:
-    """‖U V‖_F without the d×k product when the inner size m is below both d and k.
-
-    With U = Q_u R_u and Vᵀ = Q_v R_v (thin QR), U V = Q_u (R_u R_vᵀ) Q_vᵀ and the
-    orthonormal Q's keep the norm: ‖U V‖_F = ‖R_u R_vᵀ‖_F, an m×m product.
-    """
-    U, V = f
-    if U.shape[1] >= min(U.shape[0], V.shape[1]):
-        return float(np.linalg.norm(U @ V))
-    return float(np.linalg.norm(np.linalg.qr(U, mode="r") @ np.linalg.qr(V.T, mode="r").T))
-
-
-def relative_error(pairs: Iterable[tuple[Factored, Factored]]) -> float:
-    """``sqrt(Σ‖applied − ideal‖²) / sqrt(Σ‖ideal‖²)`` over modules, from ``(applied, ideal)`` factors.
-
-    No dense d×k matrix is formed (:func:`frobenius`); ``pairs`` may be a generator, so
-    only one module's factors exist at a time. Returns 0.0 when the ideal update is zero.
-    """
-    num, den = 0.0, 0.0
-    for applied, ideal in pairs:
-        num += frobenius(difference(applied, ideal)) ** 2
-        den += frobenius(ideal) ** 2
-    return float(np.sqrt(num / den)) if den > 0 else 0.0
 
 
 def concat_factors(a: AdapterState, b: AdapterState) -> AdapterState:
@@ -147,20 +142,6 @@ def check_same_keys(states: Sequence[Mapping[str, np.ndarray]]) -> None:
         if set(state) != keys:
             diff = sorted(set(state) ^ keys)
             raise ValueError(f"client upload {i} carries different tensors than upload 0: {diff[:3]}")
-
-
-def average_uploads(states: Sequence[Mapping[str, np.ndarray]], weights: np.ndarray,
-                    frozen_suffixes: tuple[str, ...]) -> AdapterState:
-    """``{key: Σ_k p_k X_k[key]}`` over every uploaded tensor; frozen tensors must not be uploaded.
-
-    For strategies whose trained tensors average exactly (FFA-LoRA's B, Fed-SB's R, heads):
-    the frozen factors (``frozen_suffixes``) are identical on all clients and never travel up.
-    """
-    check_same_keys(states)
-    frozen = sorted(k for k in states[0] if k.endswith(frozen_suffixes))
-    if frozen:
-        raise ValueError(f"uploads must not contain frozen tensors, got {frozen[:3]}")
-    return weighted_average(states, weights, states[0].keys())
 
 
 def aggregate_extras(states: Sequence[Mapping[str, np.ndarray]], weights: np.ndarray,

@@ -6,8 +6,9 @@ import numpy as np
 
 from fedlora.adapters.lora import LORA_A, LORA_B, lora_modules
 from fedlora.adapters.state import AdapterState
+from fedlora.strategies.common import weighted_average, weighted_sum
+from fedlora.strategies.error_norms import averaging_error2, error_ratio
 from fedlora.strategies.traffic import Shapes
-from fedlora.strategies.common import ideal_factors, relative_error, weighted_average
 
 
 def fedavg_states(states: list[AdapterState], weights: np.ndarray) -> AdapterState:
@@ -15,18 +16,28 @@ def fedavg_states(states: list[AdapterState], weights: np.ndarray) -> AdapterSta
     return weighted_average(states, weights, states[0].keys())
 
 
-def fedavg_error(states: list[AdapterState], weights: np.ndarray, scale: float) -> float:
-    """‖s·B̄Ā − Σ p_k s B_kA_k‖_F / ‖Σ p_k s B_kA_k‖_F over all LoRA modules (B̄, Ā as stored, float32)."""
-    avg = fedavg_states(states, weights)
+def average_with_error(states: list[AdapterState], weights: np.ndarray, scale: float,
+                       measure: bool = True) -> tuple[AdapterState, dict[str, float]]:
+    """FedIT's global adapter (Σ_k p_k X_k, float32) and, when ``measure``, its ``agg_error``.
 
-    def pairs():
-        for m in lora_modules(states[0]):
-            applied = (scale * avg[m + LORA_B].astype(np.float64), avg[m + LORA_A].astype(np.float64))
-            ideal = ideal_factors([s[m + LORA_B] for s in states], [s[m + LORA_A] for s in states],
-                                  [scale] * len(states), weights)
-            yield applied, ideal
-
-    return relative_error(pairs())
+    ``agg_error`` = ‖s·B̄Ā − Σ p_k s B_kA_k‖ / ‖Σ p_k s B_kA_k‖ over all LoRA modules, for the
+    float64 averages (:func:`fedlora.strategies.error_norms.averaging_error2`: the centred
+    cross term Σp_k (B_k − B̄)(A_k − Ā)); the float32 rounding of the stored averages, orders
+    of magnitude smaller, is not part of it. Module by module: one module's float64 averages
+    exist at a time.
+    """
+    modules = lora_modules(states[0])
+    factors = {m + suffix for m in modules for suffix in (LORA_A, LORA_B)}
+    out = weighted_average(states, weights, [k for k in states[0] if k not in factors])
+    errors = []
+    for m in modules:
+        Bs, As = [s[m + LORA_B] for s in states], [s[m + LORA_A] for s in states]
+        B_bar, A_bar = weighted_sum(Bs, weights), weighted_sum(As, weights)
+        out[m + LORA_B], out[m + LORA_A] = B_bar.astype(np.float32), A_bar.astype(np.float32)
+        if measure:
+            errors.append(averaging_error2(Bs, As, weights, B_bar, A_bar, scale))
+    ordered = {k: out[k] for k in states[0]}
+    return ordered, ({"agg_error": error_ratio(errors)} if measure else {})
 
 
 def traffic(direction: str, server_round: int, adapter: Shapes, clients: int) -> Shapes:

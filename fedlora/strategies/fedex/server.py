@@ -13,7 +13,7 @@ from fedlora.config import RunConfig
 from fedlora.server.merges import MergingServer
 from fedlora.server.round import Round
 from fedlora.strategies.fedavg.math import fedavg_states
-from fedlora.strategies.fedex.math import fedex_error, residual_merge
+from fedlora.strategies.fedex.math import residual_merge
 
 
 class FedExServer(MergingServer):
@@ -30,10 +30,9 @@ class FedExServer(MergingServer):
     def aggregate(self, done: Round, weights: np.ndarray) -> tuple[AdapterState, dict[str, float]]:
         states = done.states()
         average = fedavg_states(states, weights)
-        merge, factors = residual_merge(states, weights, average, self.scale)
+        merge, factors, metrics = residual_merge(states, weights, average, self.scale, self.measures_error(done.number))
         self.log.record(done.number, merge, factors)
-        return average, {"agg_error": fedex_error(states, weights, average, merge, self.scale),
-                         "dense_modules": float(sum(1 for m in lora_modules(states[0]) if m + LORA_A not in merge))}
+        return average, {**metrics, "dense_modules": float(sum(1 for m in lora_modules(states[0]) if m + LORA_A not in merge))}
 
     def apply_to(self, model: PeftModel) -> None:
         self.log.bring(model)

@@ -14,7 +14,8 @@ from fedlora.adapters.state import AdapterState
 from fedlora.protocol import ARRAYS
 from fedlora.server.round import Round
 from fedlora.server.strategy import ServerStrategy
-from fedlora.strategies.fedsa.math import aggregate_fedsa, fedsa_error, shared_part
+from fedlora.strategies.fedavg.math import average_with_error
+from fedlora.strategies.fedsa.math import shared_part
 
 
 class FedSAServer(ServerStrategy):
@@ -24,5 +25,4 @@ class FedSAServer(ServerStrategy):
         return {ARRAYS: shared_part(self.state)}
 
     def aggregate(self, done: Round, weights: np.ndarray) -> tuple[AdapterState, dict[str, float]]:
-        states = done.states()
-        return aggregate_fedsa(states, weights), {"agg_error": fedsa_error(states, weights, scaling(self.cfg.lora))}
+        return average_with_error(done.states(), weights, scaling(self.cfg.lora), self.measures_error(done.number))

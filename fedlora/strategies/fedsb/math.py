@@ -7,11 +7,12 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from fedlora.adapters.lora import PEFT_PREFIX
-from fedlora.adapters.lorasb import LORASB_A, LORASB_B, LORASB_R, lorasb_modules
+from fedlora.adapters.lorasb import LORASB_A, LORASB_B, LORASB_R
 from fedlora.adapters.state import AdapterState
 from fedlora.protocol import LORASB_FACTORS
 from fedlora.strategies.traffic import Shapes, extras, in_record, lora_dims
-from fedlora.strategies.common import average_uploads, check_same_keys, ideal_factors, relative_error, weighted_sum
+from fedlora.strategies.common import averages_with_rounding, check_same_keys
+from fedlora.strategies.error_norms import error_ratio, rounding_error2
 
 
 def lorasb_init(G: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -40,28 +41,28 @@ def lorasb_init_states(gradients: Mapping[str, np.ndarray], r: int) -> tuple[Ada
     return frozen, initial
 
 
-def aggregate_fedsb(states: Sequence[AdapterState], weights: np.ndarray) -> AdapterState:
-    """Σ_k p_k X_k for every uploaded tensor (the R factors and extras); uploads hold no B or A."""
-    return average_uploads(states, weights, (LORASB_A, LORASB_B))
+def average_with_error(states: Sequence[AdapterState], weights: np.ndarray, frozen: AdapterState, scale: float,
+                       measure: bool = True) -> tuple[AdapterState, dict[str, float]]:
+    """R̄ (+ head), float32, and, when ``measure``, ``agg_error`` = ‖s·B R̄₃₂ A − Σ_k p_k s·B R_k A‖ / ‖Σ_k p_k s·B R_k A‖.
 
-
-def fedsb_error(states: Sequence[AdapterState], weights: np.ndarray, frozen: AdapterState, scale: float) -> float:
-    """‖s·B R̄ A − Σ_k p_k s·B R_k A‖_F / ‖Σ_k p_k s·B R_k A‖_F over all modules (zero up to rounding).
-
-    R̄ is taken in float64 here, so the result measures the math, not float32 storage.
+    By linearity the ideal is s·B R̄ A with the exact R̄; the error is the float32 rounding of the
+    stored R̄ between the fixed B and A, from their r×r Grams BᵀB and AAᵀ
+    (:func:`fedlora.strategies.error_norms.rounding_error2`). Uploads must hold no B or A.
     """
     check_same_keys(states)
+    if any(k.endswith((LORASB_A, LORASB_B)) for k in states[0]):
+        raise ValueError("Fed-SB uploads must not contain the fixed B or A")
 
-    def pairs():
-        for m in lorasb_modules(frozen):
-            B = np.asarray(frozen[m + LORASB_B], dtype=np.float64)
-            A = np.asarray(frozen[m + LORASB_A], dtype=np.float64)
-            Rs = [s[m + LORASB_R] for s in states]
-            applied = (scale * (B @ weighted_sum(Rs, weights)), A)
-            yield applied, ideal_factors([B @ np.asarray(R, dtype=np.float64) for R in Rs], [A] * len(Rs),
-                                         [scale] * len(Rs), weights)
+    def rounding(key: str, exact: np.ndarray, stored: np.ndarray) -> tuple[float, float] | None:
+        if not key.endswith(LORASB_R):
+            return None
+        module = key[: -len(LORASB_R)]
+        B = np.asarray(frozen[module + LORASB_B], dtype=np.float64)
+        A = np.asarray(frozen[module + LORASB_A], dtype=np.float64)
+        return rounding_error2(exact, stored, A @ A.T, scale, left_gram=B.T @ B)
 
-    return relative_error(pairs())
+    stored, errors = averages_with_rounding(states, weights, states[0].keys(), rounding if measure else None)
+    return stored, ({"agg_error": error_ratio(errors)} if measure else {})
 
 
 def traffic(direction: str, server_round: int, adapter: Shapes, clients: int) -> Shapes:

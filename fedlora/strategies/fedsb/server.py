@@ -20,7 +20,7 @@ from fedlora.protocol import ARRAYS, FEDSB_TARGETS, LORASB_FACTORS, PHASE, SETUP
 from fedlora.server.round import ClientUpdate, Round
 from fedlora.server.strategy import ServerStrategy
 from fedlora.server.validation import Shapes
-from fedlora.strategies.fedsb.math import aggregate_fedsb, fedsb_error, lorasb_init_states
+from fedlora.strategies.fedsb.math import average_with_error, lorasb_init_states
 
 
 class FedSBServer(ServerStrategy):
@@ -60,8 +60,7 @@ class FedSBServer(ServerStrategy):
         self.factors_sent.update(node_ids)
 
     def aggregate(self, done: Round, weights: np.ndarray) -> tuple[AdapterState, dict[str, float]]:
-        states = done.states()
-        return aggregate_fedsb(states, weights), {"agg_error": fedsb_error(states, weights, self.frozen, self.scale)}
+        return average_with_error(done.states(), weights, self.frozen, self.scale, self.measures_error(done.number))
 
     def apply_to(self, model: PeftModel) -> None:
         """The exact peft equivalent of s·B R̄ A: lora_B = B R̄, lora_A = A (same scale s)."""

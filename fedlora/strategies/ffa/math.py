@@ -7,7 +7,8 @@ import numpy as np
 from fedlora.adapters.lora import LORA_A, LORA_B
 from fedlora.adapters.state import AdapterState
 from fedlora.strategies.traffic import Shapes
-from fedlora.strategies.common import average_uploads, check_same_keys, ideal_factors, relative_error, weighted_sum
+from fedlora.strategies.common import averages_with_rounding, check_same_keys
+from fedlora.strategies.error_norms import error_ratio, rounding_error2
 
 
 def trainable_part(state: AdapterState) -> AdapterState:
@@ -15,27 +16,27 @@ def trainable_part(state: AdapterState) -> AdapterState:
     return {k: v for k, v in state.items() if not k.endswith(LORA_A)}
 
 
-def aggregate_ffa(states: list[AdapterState], weights: np.ndarray) -> AdapterState:
-    """Σ_k p_k X_k for every uploaded tensor (the B factors and extras); uploads hold no A."""
-    return average_uploads(states, weights, (LORA_A,))
+def average_with_error(states: list[AdapterState], weights: np.ndarray, frozen_A: AdapterState, scale: float,
+                       measure: bool = True) -> tuple[AdapterState, dict[str, float]]:
+    """B̄ (+ head), float32, and, when ``measure``, ``agg_error`` = ‖s·B̄₃₂A − Σ_k p_k s·B_k A‖ / ‖Σ_k p_k s·B_k A‖.
 
-
-def ffa_error(states: list[AdapterState], weights: np.ndarray, frozen_A: AdapterState, scale: float) -> float:
-    """‖s·B̄A − Σ_k p_k s·B_k A‖_F / ‖Σ_k p_k s·B_k A‖_F over all modules (zero up to rounding).
-
-    B̄ is taken in float64 here, so the result measures the math, not float32 storage.
-    ``frozen_A`` holds ``<module>.lora_A.weight`` for every module whose B was uploaded.
+    By linearity the ideal is s·B̄A with the exact B̄, so the error is the float32 rounding of the
+    stored B̄ against the Gram AAᵀ of the frozen A (:func:`fedlora.strategies.error_norms.rounding_error2`:
+    O((d + k) r²) per module). ``frozen_A`` holds ``<module>.lora_A.weight`` for every module whose
+    B was uploaded; uploads must hold no A.
     """
     check_same_keys(states)
-    modules = sorted(k[: -len(LORA_B)] for k in states[0] if k.endswith(LORA_B))
+    if any(k.endswith(LORA_A) for k in states[0]):
+        raise ValueError("FFA-LoRA uploads must not contain the frozen A")
 
-    def pairs():
-        for m in modules:
-            Bs = [s[m + LORA_B] for s in states]
-            A = np.asarray(frozen_A[m + LORA_A], dtype=np.float64)
-            yield (scale * weighted_sum(Bs, weights), A), ideal_factors(Bs, [A] * len(Bs), [scale] * len(Bs), weights)
+    def rounding(key: str, exact: np.ndarray, stored: np.ndarray) -> tuple[float, float] | None:
+        if not key.endswith(LORA_B):
+            return None
+        A = np.asarray(frozen_A[key[: -len(LORA_B)] + LORA_A], dtype=np.float64)
+        return rounding_error2(exact, stored, A @ A.T, scale)
 
-    return relative_error(pairs())
+    stored, errors = averages_with_rounding(states, weights, states[0].keys(), rounding if measure else None)
+    return stored, ({"agg_error": error_ratio(errors)} if measure else {})
 
 
 def traffic(direction: str, server_round: int, adapter: Shapes, clients: int) -> Shapes:

@@ -14,7 +14,7 @@ from fedlora.protocol import ARRAYS, FFA_A_DIGEST
 from fedlora.server.round import ClientUpdate, Round
 from fedlora.server.strategy import ServerStrategy, shapes_of
 from fedlora.server.validation import Shapes
-from fedlora.strategies.ffa.math import aggregate_ffa, ffa_error, trainable_part
+from fedlora.strategies.ffa.math import average_with_error, trainable_part
 
 
 class FFAServer(ServerStrategy):
@@ -41,6 +41,6 @@ class FFAServer(ServerStrategy):
         self._a_digest = digest(self.frozen_A)
 
     def aggregate(self, done: Round, weights: np.ndarray) -> tuple[AdapterState, dict[str, float]]:
-        states = done.states()
-        new = {**self.frozen_A, **aggregate_ffa(states, weights)}
-        return new, {"agg_error": ffa_error(states, weights, self.frozen_A, scaling(self.cfg.lora))}
+        average, metrics = average_with_error(done.states(), weights, self.frozen_A, scaling(self.cfg.lora),
+                                              self.measures_error(done.number))
+        return {**self.frozen_A, **average}, metrics

@@ -41,7 +41,7 @@ def tail_energy(sigma: np.ndarray, rank: int) -> float:
 
 
 def aggregate_flexlora(states: Sequence[AdapterState], weights: np.ndarray, scales: Sequence[float], ranks: Sequence[int],
-                       global_rank: int, global_scale: float) -> tuple[AdapterState, dict[str, float]]:
+                       global_rank: int, global_scale: float, measure: bool = True) -> tuple[AdapterState, dict[str, float]]:
     """The new global adapter — T_R(ΔW̄) as a LoRA of rank R and scale ``global_scale``, averaged extras — and its errors.
 
     ``ranks`` are the clients' r_k (for ``client_truncation_error``). The global B is
@@ -59,6 +59,8 @@ def aggregate_flexlora(states: Sequence[AdapterState], weights: np.ndarray, scal
         total += float(np.sum(sigma ** 2))
         global_tail += tail_energy(sigma, global_rank)
         client_tail += sum(p * tail_energy(sigma, r) for p, r in zip(weights, ranks))
+    if not measure:
+        return out, {}
     norm = np.sqrt(total) if total > 0 else 1.0
     return out, {"agg_error": float(np.sqrt(global_tail) / norm), "client_truncation_error": float(np.sqrt(client_tail) / norm)}
 

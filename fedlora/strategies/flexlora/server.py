@@ -16,4 +16,4 @@ class FlexLoRAServer(MixedRankServer):
     def aggregate(self, done: Round, weights: np.ndarray) -> tuple[AdapterState, dict[str, float]]:
         ranks = self.client_ranks(done)
         return aggregate_flexlora(done.states(), weights, self.client_scales(ranks), ranks, self.cfg.lora.rank,
-                                  self.global_scale)
+                                  self.global_scale, self.measures_error(done.number))

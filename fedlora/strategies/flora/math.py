@@ -10,7 +10,8 @@ from fedlora.adapters.lora import LORA_A, LORA_B, lora_modules
 from fedlora.adapters.state import AdapterState
 from fedlora.protocol import merge_record
 from fedlora.strategies.traffic import Shapes, at_rank, extras, in_record, lora_dims
-from fedlora.strategies.common import check_same_keys, ideal_factors, relative_error
+from fedlora.strategies.common import check_same_keys, ideal_factors
+from fedlora.strategies.error_norms import error_ratio, stack_norms2, stack_rounding
 
 
 def _module_factors(states: Sequence[AdapterState], module: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -34,15 +35,21 @@ def stacked_state(states: Sequence[AdapterState], weights: np.ndarray, scales: S
 
 def flora_error(stack: AdapterState, states: Sequence[AdapterState], weights: np.ndarray, scales: Sequence[float]) -> float:
     """‖B_stack·A_stack − Σ_k p_k s_k B_k A_k‖_F / ‖Σ_k p_k s_k B_k A_k‖_F for the ``stack`` that is merged
-    (:func:`stacked_state`, float32), against the float64 ideal: zero up to float32 rounding."""
+    (:func:`stacked_state`, float32), against the float64 ideal: zero up to float32 rounding.
+
+    B_stack is the clients' B_k as uploaded (exact); only A_stack = [p_k s_k A_k] is rounded, so the
+    error is B_stack·ΔA with ΔA_k = A_stack,k − p_k s_k A_k (:func:`fedlora.strategies.error_norms.stack_norms2`:
+    O((d + k)(Σr_k)²) per module).
+    """
     check_same_keys(states)
 
-    def pairs():
+    def errors():
         for m in lora_modules(states[0]):
-            applied = (stack[m + LORA_B].astype(np.float64), stack[m + LORA_A].astype(np.float64))
-            yield applied, ideal_factors(*_module_factors(states, m), scales, weights)
+            V = stack[m + LORA_A]
+            rounding = stack_rounding(V, [state[m + LORA_A] for state in states], [p * s for p, s in zip(weights, scales)])
+            yield stack_norms2(stack[m + LORA_B], V, rounding)
 
-    return relative_error(pairs())
+    return error_ratio(errors())
 
 
 def traffic(direction: str, server_round: int, adapter: Shapes, clients: int) -> Shapes:

@@ -48,7 +48,10 @@ class FLoRAServer(MergingServer):
         self.log.record(done.number, stack)
         extras = aggregate_extras(states, weights, (LORA_A, LORA_B))
         rank = next(iter(v.shape[0] for k, v in stack.items() if k.endswith(LORA_A)))
-        return extras, {"agg_error": flora_error(stack, states, weights, scales), "stacked_rank": float(rank)}
+        metrics = {"stacked_rank": float(rank)}
+        if self.measures_error(done.number):
+            metrics["agg_error"] = flora_error(stack, states, weights, scales)
+        return extras, metrics
 
     def apply_to(self, model: PeftModel) -> None:
         self.log.bring(model)

@@ -8,48 +8,57 @@ import numpy as np
 
 from fedlora.adapters.lora import LORA_A, LORA_B, lora_modules
 from fedlora.adapters.state import AdapterState
-from fedlora.strategies.common import (
-    Factored, aggregate_extras, check_same_keys, frobenius, ideal_factors, relative_error, weighted_sum,
-)
+from fedlora.strategies.common import Factored, aggregate_extras, check_same_keys, ideal_factors, weighted_sum
+from fedlora.strategies.error_norms import error_ratio, gram_norm2, split_norms2
 from fedlora.strategies.traffic import Shapes
 
 
-def zero_pad(B: np.ndarray, A: np.ndarray, rank: int, scale: float, global_scale: float) -> Factored:
-    """(B', A') of rank ``rank`` at ``global_scale`` with s_R·B'·A' = s_k·B·A: B' = [(s_k/s_R)·B, 0], A' = [A; 0]."""
-    r = A.shape[0]
-    if r > rank:
-        raise ValueError(f"a rank-{r} client update cannot be padded to the global rank {rank}")
-    B_pad = np.zeros((B.shape[0], rank))
-    A_pad = np.zeros((rank, A.shape[1]))
-    B_pad[:, :r] = (scale / global_scale) * np.asarray(B, dtype=np.float64)
-    A_pad[:r] = np.asarray(A, dtype=np.float64)
-    return B_pad, A_pad
+def padded_average(Bs: Sequence[np.ndarray], As: Sequence[np.ndarray], w: np.ndarray, scales: Sequence[float],
+                   rank: int, global_scale: float) -> Factored:
+    """(Σ_k w_k B'_k, Σ_k w_k A'_k) for the zero-padded factors B'_k = [(s_k/s_R)·B_k, 0], A'_k = [A_k; 0] of rank R
+    (s_R·B'_k A'_k = s_k B_k A_k), in float64, without padding: columns (rows) r_{j−1}..r_j collect only the
+    clients of rank ≥ r_j, each block summed by :func:`weighted_sum`."""
+    for A in As:
+        if A.shape[0] > rank:
+            raise ValueError(f"a rank-{A.shape[0]} client update cannot be padded to the global rank {rank}")
+    B_bar, A_bar = np.zeros((Bs[0].shape[0], rank)), np.zeros((rank, As[0].shape[1]))
+    edges = sorted({0, *(A.shape[0] for A in As)})
+    for lo, hi in zip(edges, edges[1:]):
+        ks = [k for k, A in enumerate(As) if A.shape[0] >= hi]
+        B_bar[:, lo:hi] = weighted_sum([Bs[k][:, lo:hi] for k in ks], np.array([w[k] * scales[k] / global_scale for k in ks]))
+        A_bar[lo:hi] = weighted_sum([As[k][lo:hi] for k in ks], np.array([w[k] for k in ks]))
+    return B_bar, A_bar
 
 
 def sparsity_weights(Bs: Sequence[np.ndarray], As: Sequence[np.ndarray], scales: Sequence[float],
                      weights: np.ndarray) -> np.ndarray:
     """w_k ∝ p_k·‖s_k B_k A_k‖_F, normalised to sum 1; ``weights`` (p_k) when every norm is zero."""
-    norms = np.array([s * frobenius((np.asarray(B, np.float64), np.asarray(A, np.float64)))
-                      for B, A, s in zip(Bs, As, scales)])
+    norms = np.array([s * np.sqrt(gram_norm2(B, A)) for B, A, s in zip(Bs, As, scales)])
     raw = np.asarray(weights, dtype=np.float64) * norms
     return raw / raw.sum() if raw.sum() > 0 else np.asarray(weights, dtype=np.float64)
 
 
 def aggregate_hetlora(states: Sequence[AdapterState], weights: np.ndarray, scales: Sequence[float], global_rank: int,
-                      global_scale: float) -> tuple[AdapterState, dict[str, float]]:
-    """The new global adapter (rank R, scale ``global_scale``; float32), the extras averaged with p_k, and ``agg_error``."""
+                      global_scale: float, measure: bool = True) -> tuple[AdapterState, dict[str, float]]:
+    """The new global adapter (rank R, scale ``global_scale``; float32), the extras averaged with p_k, and, when
+    ``measure``, ``agg_error``: ‖s_R B̄Ā − ΔW*‖ and ‖ΔW*‖ from one pair of Grams of the stacked difference
+    [B̄, B_1 …]·[s_R Ā; −p_1 s_1 A_1; …] (:func:`fedlora.strategies.error_norms.split_norms2`), in the
+    uploads' precision (HetLoRA's error is large next to float32 rounding)."""
     check_same_keys(states)
     out = aggregate_extras(states, weights, (LORA_A, LORA_B))
-    pairs = []
+    errors = []
     for m in lora_modules(states[0]):
         Bs, As = [s[m + LORA_B] for s in states], [s[m + LORA_A] for s in states]
-        padded = [zero_pad(B, A, global_rank, s, global_scale) for B, A, s in zip(Bs, As, scales)]
         w = sparsity_weights(Bs, As, scales, weights)
-        B_bar, A_bar = weighted_sum([b for b, _ in padded], w), weighted_sum([a for _, a in padded], w)
+        B_bar, A_bar = padded_average(Bs, As, w, scales, global_rank, global_scale)
         out[m + LORA_B], out[m + LORA_A] = B_bar.astype(np.float32), A_bar.astype(np.float32)
-        applied = (global_scale * out[m + LORA_B].astype(np.float64), out[m + LORA_A].astype(np.float64))
-        pairs.append((applied, ideal_factors(Bs, As, scales, weights)))
-    return out, {"agg_error": relative_error(pairs)}
+        if measure:
+            dtype = np.result_type(*Bs, *As)
+            U, V = ideal_factors([out[m + LORA_B], *Bs], [out[m + LORA_A], *As], [global_scale, *scales],
+                                 [1.0, *(-np.asarray(weights))], dtype=dtype)
+            errors.append(split_norms2(U, V, global_rank))
+    ordered = {k: out[k] for k in states[0]}
+    return ordered, ({"agg_error": error_ratio(errors)} if measure else {})
 
 
 def traffic(direction: str, server_round: int, adapter: Shapes, clients: int) -> Shapes:

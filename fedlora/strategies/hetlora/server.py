@@ -15,4 +15,5 @@ class HetLoRAServer(MixedRankServer):
 
     def aggregate(self, done: Round, weights: np.ndarray) -> tuple[AdapterState, dict[str, float]]:
         scales = self.client_scales(self.client_ranks(done))
-        return aggregate_hetlora(done.states(), weights, scales, self.cfg.lora.rank, self.global_scale)
+        return aggregate_hetlora(done.states(), weights, scales, self.cfg.lora.rank, self.global_scale,
+                                 self.measures_error(done.number))

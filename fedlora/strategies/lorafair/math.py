@@ -9,50 +9,66 @@ import numpy as np
 from fedlora.adapters.lora import LORA_A, LORA_B, lora_modules
 from fedlora.adapters.state import AdapterState
 from fedlora.strategies.traffic import Shapes
-from fedlora.strategies.common import (
-    Factored, aggregate_extras, check_same_keys, difference, frobenius, ideal_factors, weighted_sum,
-)
+from fedlora.strategies.common import aggregate_extras, check_same_keys, weighted_sum
+from fedlora.strategies.error_norms import averaging_error2, gram_norm2
 
 
-def ridge_correction(residual: Factored, A_bar: np.ndarray, lam: float) -> np.ndarray:
-    """ΔB* = R Āᵀ (ĀĀᵀ + λI)⁻¹ for a residual R = U V (factors, d×k) and Ā (r×k).
+def residual_times_A(Bs: Sequence[np.ndarray], As: Sequence[np.ndarray], weights: np.ndarray, B_bar: np.ndarray,
+                     A_bar: np.ndarray) -> np.ndarray:
+    """R Āᵀ for the residual R = ΔW − B̄Ā = Σ_k p_k (B_k − B̄)(A_k − Ā), in float64 (d×r), never forming R:
+    Σ_k (B_k − B̄)·(p_k (A_k − Ā)Āᵀ), one r×r product per client. O((d + k) r² K): a pass over the uploads."""
+    dtype = np.result_type(*Bs, *As)
+    B_ref, A_ref = np.asarray(B_bar, dtype=dtype), np.asarray(A_bar, dtype=dtype)
+    out = np.zeros(B_ref.shape)
+    for B, A, p in zip(Bs, As, weights):
+        core = (np.asarray(A, dtype=dtype) - A_ref) @ A_ref.T * dtype.type(p)
+        out += (np.asarray(B, dtype=dtype) - B_ref) @ core
+    return out
+
+
+def ridge_correction(R_At: np.ndarray, A_bar: np.ndarray, lam: float) -> np.ndarray:
+    """ΔB* = R Āᵀ (ĀĀᵀ + λI)⁻¹ from R Āᵀ (:func:`residual_times_A`) and Ā (r×k), in float64.
 
     It minimises ‖R − ΔB Ā‖²_F + λ‖ΔB‖²_F (least squares, minimum norm, when λ = 0).
-    R Āᵀ = U (V Āᵀ) never forms the d×k residual.
     """
     if lam < 0:
         raise ValueError(f"lorafair.lambda must be >= 0, got {lam}")
-    U, V = residual
+    A_bar = np.asarray(A_bar, dtype=np.float64)
     gram = A_bar @ A_bar.T + lam * np.eye(A_bar.shape[0])
-    # gram is symmetric, so ΔBᵀ = gram⁻¹ (R Āᵀ)ᵀ
-    return np.linalg.lstsq(gram, (U @ (V @ A_bar.T)).T, rcond=None)[0].T
+    # R Āᵀ (ĀĀᵀ)⁺ = R Ā⁺ is the minimum-norm solution when ĀĀᵀ is singular (λ = 0); the r×r pseudo-inverse
+    # comes from its eigendecomposition (cutoff r·ε·λ_max), far cheaper than lstsq over d right-hand sides
+    return np.asarray(R_At, dtype=np.float64) @ np.linalg.pinv(gram, hermitian=True)
 
 
-def _correct_module(Bs: Sequence[np.ndarray], As: Sequence[np.ndarray], weights: np.ndarray,
-                    lam: float) -> tuple[np.ndarray, np.ndarray, float, float, float]:
-    """Ā, B̄ + ΔB*, ‖ΔW − B̄Ā‖_F, ‖ΔW − (B̄ + ΔB*)Ā‖_F and ‖ΔW‖_F for one module (float64).
+def correct_module(Bs: Sequence[np.ndarray], As: Sequence[np.ndarray], weights: np.ndarray, lam: float,
+                   measure: bool = True) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float] | None]:
+    """(Ā, B̄ + ΔB*, and when ``measure`` the squared ‖ΔW − B̄Ā‖, ‖ΔW − (B̄ + ΔB*)Ā‖, ‖ΔW‖) for one module, float64.
 
-    ΔW, its residuals and their norms stay factored (rank ≤ (K+1)r; :func:`frobenius`),
-    so no d×k matrix is ever held.
+    ΔB* needs only R Āᵀ (:func:`residual_times_A`), so without ``measure`` the correction costs
+    a pass over the uploads. The norms come from the centred Grams of FedIT's error
+    (:func:`fedlora.strategies.error_norms.averaging_error2`) and ‖R − ΔB Ā‖² = ‖R‖² −
+    2⟨R Āᵀ, ΔB⟩ + ‖ΔB Ā‖². No d×k matrix is ever held.
     """
-    A_bar = weighted_sum(As, weights)
-    B_bar = weighted_sum(Bs, weights)
-    delta_w = ideal_factors(Bs, As, [1.0] * len(Bs), weights)
-    residual = difference(delta_w, (B_bar, A_bar))
-    B_new = B_bar + ridge_correction(residual, A_bar, lam)
-    after = frobenius(difference(delta_w, (B_new, A_bar)))
-    return A_bar, B_new, frobenius(residual), after, frobenius(delta_w)
+    A_bar, B_bar = weighted_sum(As, weights), weighted_sum(Bs, weights)
+    R_At = residual_times_A(Bs, As, weights, B_bar, A_bar)
+    correction = ridge_correction(R_At, A_bar, lam)
+    if not measure:
+        return A_bar, B_bar + correction, None
+    before2, ideal2 = averaging_error2(Bs, As, weights, B_bar, A_bar)
+    after2 = max(before2 - 2.0 * float(np.sum(R_At * correction)) + gram_norm2(correction, A_bar), 0.0)
+    return A_bar, B_bar + correction, (before2, after2, ideal2)
 
 
 def lorafair_module(Bs: Sequence[np.ndarray], As: Sequence[np.ndarray], weights: np.ndarray,
                     lam: float) -> tuple[np.ndarray, np.ndarray, float, float]:
     """(Ā, B̄ + ΔB*, ‖ΔW − B̄Ā‖_F, ‖ΔW − (B̄ + ΔB*)Ā‖_F) for one module, all in float64."""
-    return _correct_module(Bs, As, weights, lam)[:4]
+    A_bar, B_new, (before2, after2, _) = correct_module(Bs, As, weights, lam)
+    return A_bar, B_new, float(np.sqrt(before2)), float(np.sqrt(after2))
 
 
-def aggregate_lorafair(states: Sequence[AdapterState], weights: np.ndarray,
-                       lam: float) -> tuple[AdapterState, dict[str, float]]:
-    """The next global adapter (Ā, B̄ + ΔB*, averaged extras; float32) and its metrics.
+def aggregate_lorafair(states: Sequence[AdapterState], weights: np.ndarray, lam: float,
+                       measure: bool = True) -> tuple[AdapterState, dict[str, float]]:
+    """The next global adapter (Ā, B̄ + ΔB*, averaged extras; float32) and, when ``measure``, its metrics.
 
     Metrics, each summed in quadrature over modules and divided by ‖ΔW‖_F (also summed in
     quadrature; no division when ΔW = 0): ``residual_before`` = ‖ΔW − B̄Ā‖ (FedIT's error),
@@ -64,12 +80,13 @@ def aggregate_lorafair(states: Sequence[AdapterState], weights: np.ndarray,
     before, after, ideal = 0.0, 0.0, 0.0
     for m in lora_modules(states[0]):
         Bs, As = [s[m + LORA_B] for s in states], [s[m + LORA_A] for s in states]
-        A_bar, B_new, res_before, res_after, ideal_norm = _correct_module(Bs, As, weights, lam)
+        A_bar, B_new, norms = correct_module(Bs, As, weights, lam, measure)
         out[m + LORA_A] = A_bar.astype(np.float32)
         out[m + LORA_B] = B_new.astype(np.float32)
-        before += res_before**2
-        after += res_after**2
-        ideal += ideal_norm**2
+        if norms is not None:
+            before, after, ideal = before + norms[0], after + norms[1], ideal + norms[2]
+    if not measure:
+        return out, {}
     norm = np.sqrt(ideal) if ideal > 0 else 1.0
     rel_after = float(np.sqrt(after) / norm)
     return out, {"residual_before": float(np.sqrt(before) / norm), "residual_after": rel_after, "agg_error": rel_after}

@@ -14,4 +14,5 @@ class LoraFairServer(ServerStrategy):
     """Reports ``residual_before`` (FedIT's error), ``residual_after`` and ``agg_error`` every round."""
 
     def aggregate(self, done: Round, weights: np.ndarray) -> tuple[AdapterState, dict[str, float]]:
-        return aggregate_lorafair(done.states(), weights, self.cfg.section("lorafair").lambda_)
+        return aggregate_lorafair(done.states(), weights, self.cfg.section("lorafair").lambda_,
+                                  self.measures_error(done.number))

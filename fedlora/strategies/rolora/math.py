@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import TypeVar
 
 import numpy as np
 
-from fedlora.adapters.lora import LORA_A, LORA_B, lora_modules
+from fedlora.adapters.lora import LORA_A, LORA_B
 from fedlora.adapters.state import AdapterState
-from fedlora.strategies.common import (
-    Factored, average_uploads, check_same_keys, ideal_factors, relative_error, weighted_sum,
-)
+from fedlora.strategies.common import averages_with_rounding, check_same_keys
+from fedlora.strategies.error_norms import error_ratio, rounding_error2
 from fedlora.strategies.traffic import Shapes
 
 T = TypeVar("T")
@@ -33,34 +32,32 @@ def upload_part(state: Mapping[str, T], server_round: int) -> dict[str, T]:
     return {k: v for k, v in state.items() if not k.endswith(frozen)}
 
 
-def aggregate_rolora(states: list[AdapterState], weights: np.ndarray, server_round: int) -> AdapterState:
-    """Σ_k p_k X_k for every uploaded tensor (the round's trained factor, the head); uploads hold no shared factor."""
-    return average_uploads(states, weights, (shared_factor(server_round),))
-
-
-def rolora_error(states: list[AdapterState], weights: np.ndarray, shared: AdapterState, scale: float,
-                 server_round: int) -> float:
-    """‖s·B̄Ā − Σ_k p_k s·B_k A_k‖_F / ‖Σ_k p_k s·B_k A_k‖_F over all modules (zero up to rounding).
+def average_with_error(states: list[AdapterState], weights: np.ndarray, shared: AdapterState, scale: float,
+                       server_round: int, measure: bool = True) -> tuple[AdapterState, dict[str, float]]:
+    """The round's averages (trained factor, head; float32) and, when ``measure``, ``agg_error``.
 
     The clients' factors are their trained one and the shared one of ``shared`` (the global
-    adapter the round started from): B_k with the global Ā in odd rounds, the global B̄
-    with A_k in even ones. The average is taken in float64, so the result measures the math.
+    adapter the round started from): B_k with the global Ā in odd rounds, the global B̄ with
+    A_k in even ones. The ideal is then the product with the exact average, and the error is
+    the float32 rounding of the stored one against the shared factor's Gram
+    (:func:`fedlora.strategies.error_norms.rounding_error2`). Uploads must hold no shared factor.
     """
     check_same_keys(states)
-    trains_b = trained_factor(server_round) == LORA_B
-    K = len(states)
+    frozen = shared_factor(server_round)
+    if any(k.endswith(frozen) for k in states[0]):
+        raise ValueError(f"round {server_round} uploads must not contain the shared factor {frozen!r}")
+    trained = trained_factor(server_round)
 
-    def pairs() -> Iterator[tuple[Factored, Factored]]:
-        for m in lora_modules(shared):
-            if trains_b:
-                Bs, As = [s[m + LORA_B] for s in states], [np.asarray(shared[m + LORA_A], dtype=np.float64)] * K
-                applied = (scale * weighted_sum(Bs, weights), As[0])
-            else:
-                Bs, As = [np.asarray(shared[m + LORA_B], dtype=np.float64)] * K, [s[m + LORA_A] for s in states]
-                applied = (scale * Bs[0], weighted_sum(As, weights))
-            yield applied, ideal_factors(Bs, As, [scale] * K, weights)
+    def rounding(key: str, exact: np.ndarray, stored: np.ndarray) -> tuple[float, float] | None:
+        if not key.endswith(trained):
+            return None
+        other = np.asarray(shared[key[: -len(trained)] + frozen], dtype=np.float64)
+        if trained == LORA_B:
+            return rounding_error2(exact, stored, other @ other.T, scale)
+        return rounding_error2(exact.T, stored.T, other.T @ other, scale)
 
-    return relative_error(pairs())
+    stored, errors = averages_with_rounding(states, weights, states[0].keys(), rounding if measure else None)
+    return stored, ({"agg_error": error_ratio(errors)} if measure else {})
 
 
 def traffic(direction: str, server_round: int, adapter: Shapes, clients: int) -> Shapes:

@@ -9,7 +9,7 @@ from fedlora.adapters.state import AdapterState
 from fedlora.server.round import ClientUpdate, Round
 from fedlora.server.strategy import ServerStrategy, shapes_of
 from fedlora.server.validation import Shapes
-from fedlora.strategies.rolora.math import aggregate_rolora, rolora_error, upload_part
+from fedlora.strategies.rolora.math import average_with_error, upload_part
 
 
 class RoLoRAServer(ServerStrategy):
@@ -19,6 +19,6 @@ class RoLoRAServer(ServerStrategy):
         return shapes_of(upload_part(self.state, server_round))
 
     def aggregate(self, done: Round, weights: np.ndarray) -> tuple[AdapterState, dict[str, float]]:
-        states = done.states()
-        new = {**self.state, **aggregate_rolora(states, weights, done.number)}
-        return new, {"agg_error": rolora_error(states, weights, self.state, scaling(self.cfg.lora), done.number)}
+        average, metrics = average_with_error(done.states(), weights, self.state, scaling(self.cfg.lora), done.number,
+                                              self.measures_error(done.number))
+        return {**self.state, **average}, metrics
