@@ -19,9 +19,11 @@ variant steps on the same rows. Each variant runs in its own process (loading, c
 peak memory of one never leak into another): ``--warmup`` steps, then ``--rounds`` timed
 calls of ``--steps`` steps each (a fedlora call attaches and removes its DP hooks once, as a
 round does; ``make_private`` is done once before the clock starts); time per step is the
-median call over its steps. Peak memory is the extra memory over the level right after
-loading (``torch.cuda.max_memory_allocated`` on CUDA, resident set size sampled every 5 ms on
-CPU). Device: the run config's rule (CUDA when present).
+median call over its steps. Peak memory is the whole process's (model included, the same in
+every variant): ``torch.cuda.max_memory_allocated`` on CUDA, the peak resident set size on
+CPU — not the extra over the level after loading, which on CPU depends on how much freed
+memory the allocator happens to reuse (±30 % between processes running the same loop).
+Device: the run config's rule (CUDA when present).
 
     python -m benchmarks client [--models minilm,smollm2] [--variants floor,fedlora,opacus,fedlora-dp,fedlora-dp-ghost]
                                 [--steps 4] [--rounds 3] [--warmup 2] [--device auto]
@@ -32,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -42,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import RssPeak, machine_line, markdown_table, rss_bytes
+from benchmarks.common import machine_line, markdown_table
 
 MODELS = {  # name: (task, batch size, tokens per row)
     "minilm": ("classification", 32, 64),
@@ -94,13 +97,14 @@ def step_runner(model_name: str, variant: str, device: torch.device) -> Callable
     from fedlora.privacy.sample_dp import dp_train_steps
 
     task, batch, length = MODELS[model_name]
-    rows = make_rows(task, batch, length, len(load_tokenizer(model_name)), torch.Generator().manual_seed(0))
+    tokenizer = load_tokenizer(model_name)
+    rows = make_rows(task, batch, length, len(tokenizer), torch.Generator().manual_seed(0))
     lora = LoraConfig(rank=RANK, alpha=ALPHA)
     base = load_base_model(model_name, task, 4)
     if variant.startswith("fedlora"):
         model = inject_lora(base, lora, task, seed=0).to(device)
         params = set_trainable(model)
-        pad = int(load_tokenizer(model_name).pad_token_id)
+        pad = int(tokenizer.pad_token_id)
         generator = torch.Generator().manual_seed(0)
         if variant == "fedlora":
             def run(n: int) -> None:
@@ -166,15 +170,12 @@ def measure(model_name: str, variant: str, steps: int, rounds: int, warmup: int,
             times.append((time.perf_counter() - start) / steps)
 
     if device.type == "cuda":
-        base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         timed()
-        peak = torch.cuda.max_memory_allocated() - base
+        peak = torch.cuda.max_memory_allocated()
     else:
-        base = rss_bytes()
-        with RssPeak() as rss:
-            timed()
-        peak = rss.peak - base
+        timed()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     return Measurement(model_name, variant, statistics.median(times), peak / 2**20)
 
 
@@ -198,7 +199,7 @@ def table(results: list[Measurement]) -> str:
         mem = f"{r.peak_mib / base.peak_mib:.2f}x" if base and base.peak_mib > 0 else ""
         rows.append([r.model, r.variant, f"{batch * length / r.seconds_per_step:,.0f}", f"{r.seconds_per_step:.3f}",
                      ratio, f"{r.peak_mib:,.0f}", mem])
-    return markdown_table(["model", "variant", "tokens/s", "s/step", "time ×", "peak extra MiB", "memory ×"], rows)
+    return markdown_table(["model", "variant", "tokens/s", "s/step", "time ×", "peak MiB (process)", "memory ×"], rows)
 
 
 def main(argv: list[str] | None = None) -> None:

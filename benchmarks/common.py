@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,25 +25,6 @@ def rss_bytes() -> int:
     """This process's resident set size (Linux ``/proc/self/statm``)."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * PAGE
-
-
-class RssPeak:
-    """Highest resident set size seen by a sampling thread (every 5 ms) while the block runs."""
-
-    def __enter__(self) -> RssPeak:
-        self.peak, self._stop = rss_bytes(), threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, rss_bytes())
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_bytes())
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

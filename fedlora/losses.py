@@ -11,18 +11,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fedlora.data.tokenize import IGNORE
+from fedlora.data.tokenize import IGNORE, collate
+from fedlora.device import autocast
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token NLL (batch × len−1) of next-token prediction and the mask of counted tokens."""
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:]
+    """Per-token NLL (batch × len) of next-token prediction and the mask of counted tokens.
+
+    Position t predicts label t+1: the labels are shifted left (the last position predicts
+    nothing), never the logits, so the batch × len × vocab logits are not copied — for a 49k
+    vocabulary that copy and its gradient were most of a step's extra memory.
+    """
+    shift_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
     mask = shift_labels != IGNORE
-    nll = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.clamp(min=0).reshape(-1), reduction="none"
-    ).view_as(shift_labels)
-    return nll * mask, mask
+    nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), shift_labels.reshape(-1), ignore_index=IGNORE,
+                          reduction="none").view_as(shift_labels)
+    return nll, mask
 
 
 def causal_lm_loss_per_sequence(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -39,3 +43,17 @@ def loss_per_example(task: str, logits: torch.Tensor, labels: torch.Tensor) -> t
     if task == "classification":
         return classification_loss_per_example(logits, labels)
     return causal_lm_loss_per_sequence(logits, labels)
+
+
+def batch_losses(model: torch.nn.Module, rows: list[dict], task: str, pad_id: int, device: torch.device,
+                     amp_dtype: torch.dtype | None) -> torch.Tensor:
+    """The loss of each of ``rows`` (collated, on ``device``, forward under ``amp_dtype`` autocast).
+
+    The logits (batch × length × vocabulary: the largest activation of a causal LM) are
+    referenced nowhere once the loss exists, so the backward pass frees them as it goes.
+    """
+    batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
+    labels = batch.pop("labels")
+    with autocast(amp_dtype, device):
+        logits = model(**batch).logits
+    return loss_per_example(task, logits, labels)

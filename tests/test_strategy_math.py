@@ -293,8 +293,8 @@ def test_concat_stacks_adds_rounds():
     p1, p2 = _weights(3, seed=1), _weights(2, seed=2)
     round1, round2 = _lora_states(RANKS, seed=1), _lora_states([8, 2], seed=2)
     s1, s2 = stacked_state(round1, p1, SCALES), stacked_state(round2, p2, [2.0, 8.0])
-    both = concat_factors(s1, {**s2, HEAD: np.ones((3, D), np.float32)})
-    assert concat_factors({}, s2).keys() == s2.keys()
+    both = concat_factors([s1, {**s2, HEAD: np.ones((3, D), np.float32)}])
+    assert concat_factors([{}, s2]).keys() == s2.keys()
     np.testing.assert_array_equal(both[HEAD], np.ones((3, D)))
     for m in MODULES:
         assert both[m + LORA_A].shape == (sum(RANKS) + 10, K) and both[m + LORA_B].shape == (D, sum(RANKS) + 10)
@@ -302,9 +302,14 @@ def test_concat_stacks_adds_rounds():
         applied = both[m + LORA_B].astype(np.float64) @ both[m + LORA_A].astype(np.float64)
         np.testing.assert_allclose(applied, total, rtol=1e-5, atol=1e-5)
     only_second = {k: v for k, v in s2.items() if not k.startswith(MODULES[0])}
-    partial = concat_factors(s1, only_second)
+    partial = concat_factors([s1, only_second])
     np.testing.assert_array_equal(partial[MODULES[0] + LORA_A], s1[MODULES[0] + LORA_A])
     assert partial[MODULES[1] + LORA_A].shape == (sum(RANKS) + 10, K), "a module in one update only is kept as it is"
+    three = concat_factors([s1, s2, s1])
+    for m in MODULES:
+        total = 2 * ideal_update(*_factors(round1, m), SCALES, p1) + ideal_update(*_factors(round2, m), [2.0, 8.0], p2)
+        applied = three[m + LORA_B].astype(np.float64) @ three[m + LORA_A].astype(np.float64)
+        np.testing.assert_allclose(applied, total, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("m", [3, 40])

@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 
 from fedlora.config import RunConfig
-from fedlora.data.tokenize import collate, endless_batches
-from fedlora.device import autocast
-from fedlora.losses import loss_per_example
+from fedlora.data.tokenize import endless_batches
+from fedlora.losses import batch_losses
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: RunConfig) -> torch.optim.Optimizer:
@@ -26,11 +25,7 @@ def train_steps(model: torch.nn.Module, rows: list[dict], task: str, pad_id: int
     batches = endless_batches(len(rows), batch_size, generator)
     total = 0.0
     for _ in range(steps):
-        batch = {k: v.to(device) for k, v in collate([rows[i] for i in next(batches)], pad_id).items()}
-        labels = batch.pop("labels")
-        with autocast(amp_dtype, device):
-            logits = model(**batch).logits
-        loss = loss_per_example(task, logits, labels).mean()
+        loss = batch_losses(model, [rows[i] for i in next(batches)], task, pad_id, device, amp_dtype).mean()
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)

@@ -44,9 +44,7 @@ from opacus.optimizers import DPOptimizer, get_optimizer_class
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from opacus.validators.module_validator import ModuleValidator
 
-from fedlora.data.tokenize import collate
-from fedlora.device import autocast
-from fedlora.losses import loss_per_example
+from fedlora.losses import batch_losses
 from fedlora.privacy.sampling import noise_generator, poisson_batches, sample_rate_of
 
 GRAD_SAMPLE_MODES = ("hooks", "ghost")
@@ -132,11 +130,7 @@ def _step(model: torch.nn.Module, rows: list[dict], indices: list[int], task: st
     if not indices:
         _noise_only_step(optimizer, params, mode)
         return None
-    batch = {k: v.to(device) for k, v in collate([rows[i] for i in indices], pad_id).items()}
-    labels = batch.pop("labels")
-    with autocast(amp_dtype, device):
-        logits = model(**batch).logits
-    per_example = loss_per_example(task, logits, labels)
+    per_example = batch_losses(model, [rows[i] for i in indices], task, pad_id, device, amp_dtype)
     if mode == "ghost":
         DPTensorFastGradientClipping(hooks, optimizer, per_example, "mean").backward()
     else:

@@ -1,8 +1,9 @@
 """Base-weight merges by round, for strategies whose server changes every client's base (FLoRA, FedEx-LoRA).
 
 The server keeps each round's merge as it travels (factors ``<m>.lora_B/A.weight`` with the
-scale folded in, or a dense ``<m>.base_delta.weight`` where that is smaller) and, always as
-factors, the running total of every merge — what the final adapter must add to the base.
+scale folded in, or a dense ``<m>.base_delta.weight`` where that is smaller, then also as
+factors); their total — what the final adapter must add to the base — is concatenated once,
+when the final adapter is saved.
 Every node receives, with its next training message, exactly the merges it has not yet seen
 (``merge-<round>`` records) and replays them onto its base
 (:func:`fedlora.client.role.replay_merges`). A skipped round merges nothing, so every node's
@@ -28,12 +29,12 @@ from fedlora.task import load_task
 
 
 class MergeLog:
-    """The merge of every round so far, their factored total, and the round each node's base has reached."""
+    """The merge of every round so far (their factored total on demand), and the round each node's base has reached."""
 
     def __init__(self) -> None:
         self.merges: dict[int, AdapterState] = {}
-        #: Σ of every merge as one stack of LoRA factors per module (scale 1)
-        self.total: AdapterState = {}
+        #: rounds whose merge travels dense: the same update as LoRA factors (for the total)
+        self.factored: dict[int, AdapterState] = {}
         #: node id -> last round whose merge the node holds (per run: not checkpointed, node ids change)
         self.node_version: dict[int, int] = {}
 
@@ -41,7 +42,13 @@ class MergeLog:
         """Keep ``merge`` (as it travels) for ``server_round``; ``factors`` is the same update as LoRA
         factors when ``merge`` holds dense deltas (default: ``merge`` itself)."""
         self.merges[server_round] = merge
-        self.total = concat_factors(self.total, merge if factors is None else factors)
+        if factors is not None and factors is not merge:
+            self.factored[server_round] = factors
+
+    def total(self) -> AdapterState:
+        """Σ of every merge as one stack of LoRA factors per module (scale 1), concatenated once when asked for
+        (a round only records its merge: no run-long stack is copied every round)."""
+        return concat_factors([self.factored.get(j, self.merges[j]) for j in sorted(self.merges)])
 
     def missing(self, node_id: int, server_round: int) -> dict[str, AdapterState]:
         """The ``merge-<j>`` records node ``node_id`` lacks before training round ``server_round``."""
@@ -56,14 +63,18 @@ class MergeLog:
         bring_base_to(model, max(self.merges, default=0), self.merges.get)
 
     def checkpoint(self) -> tuple[AdapterState, dict[str, Any]]:
-        arrays: AdapterState = prefixed("merge-total/", self.total)
+        arrays: AdapterState = {}
         for j, merge in self.merges.items():
             arrays.update(prefixed(f"merge-{j}/", merge))
-        return arrays, {"merges": {str(j): list(m) for j, m in self.merges.items()}, "merge_total": list(self.total)}
+        for j, factors in self.factored.items():
+            arrays.update(prefixed(f"merge-factors-{j}/", factors))
+        return arrays, {"merges": {str(j): list(m) for j, m in self.merges.items()},
+                        "merge_factors": {str(j): list(f) for j, f in self.factored.items()}}
 
     def restore(self, arrays: AdapterState, values: dict[str, Any]) -> None:
         self.merges = {int(j): unprefixed(f"merge-{j}/", arrays, keys) for j, keys in values["merges"].items()}
-        self.total = unprefixed("merge-total/", arrays, values["merge_total"])
+        self.factored = {int(j): unprefixed(f"merge-factors-{j}/", arrays, keys)
+                         for j, keys in values["merge_factors"].items()}
 
     def save_with(self, cfg: RunConfig, adapter: AdapterState, path: Path) -> None:
         """Save total + ``adapter`` (LoRA factors at scale 1 and the extras) as one exact peft LoRA in ``path``.
@@ -71,7 +82,7 @@ class MergeLog:
         The rank of the saved LoRA is that of the concatenated factors, so
         ``W0 + B·A`` of the saved adapter equals the server's merged base plus ``adapter``.
         """
-        state = concat_factors(self.total, adapter)
+        state = concat_factors([self.total(), adapter])
         rank = next(v.shape[0] for k, v in state.items() if k.endswith(LORA_A))
         lora = dataclasses.replace(cfg.lora, rank=rank, alpha=float(rank), client_ranks="")
         task = load_task(cfg)

@@ -102,22 +102,24 @@ def ideal_factors(Bs: Sequence[np.ndarray], As: Sequence[np.ndarray], scales: Se
     return U, V
 
 
-def concat_factors(a: AdapterState, b: AdapterState) -> AdapterState:
-    """The sum of two factored updates, per LoRA module: ``[B_a B_b]·[A_a; A_b] = B_a A_a + B_b A_b``.
+def concat_factors(updates: Sequence[AdapterState]) -> AdapterState:
+    """The sum of factored updates, per LoRA module: ``[B_1 B_2 …]·[A_1; A_2; …] = Σ_j B_j A_j``, one copy each.
 
-    A module in only one of them is kept as it is (an empty state is the empty update).
-    Tensors that are not LoRA factors are taken from ``b``, the later update, else from ``a``.
+    A module only some updates have is concatenated over those (in one of them only: kept as
+    it is; an empty state is the empty update). Tensors that are not LoRA factors are taken
+    from the last update that has them.
     """
     factors = (LORA_A, LORA_B)
-    out = {k: v for k, v in a.items() if not k.endswith(factors)}
-    out.update({k: v for k, v in b.items() if not k.endswith(factors)})
-    for m in sorted(set(lora_modules(a)) | set(lora_modules(b))):
-        if m + LORA_A not in a or m + LORA_A not in b:
-            source = a if m + LORA_A in a else b
-            out[m + LORA_B], out[m + LORA_A] = source[m + LORA_B], source[m + LORA_A]
+    out: AdapterState = {}
+    for update in updates:
+        out.update({k: v for k, v in update.items() if not k.endswith(factors)})
+    for m in sorted({m for update in updates for m in lora_modules(update)}):
+        having = [u for u in updates if m + LORA_A in u]
+        if len(having) == 1:
+            out[m + LORA_B], out[m + LORA_A] = having[0][m + LORA_B], having[0][m + LORA_A]
             continue
-        out[m + LORA_B] = np.concatenate([a[m + LORA_B], b[m + LORA_B]], axis=1)
-        out[m + LORA_A] = np.concatenate([a[m + LORA_A], b[m + LORA_A]], axis=0)
+        out[m + LORA_B] = np.concatenate([u[m + LORA_B] for u in having], axis=1)
+        out[m + LORA_A] = np.concatenate([u[m + LORA_A] for u in having], axis=0)
     return out
 
 

@@ -40,7 +40,7 @@ class FedExServer(MergingServer):
 
     def save_final(self, model: PeftModel, path: Path) -> None:
         """Σ of every residual plus s·B̄Ā as one exact LoRA (scale 1), with the head."""
-        if not self.log.total:
+        if not any(self.log.merges.values()):
             return super().save_final(model, path)
         adapter = {k: (self.scale * v).astype(np.float32) if k.endswith(LORA_B) else v for k, v in self.state.items()}
         self.log.save_with(self.cfg, adapter, path)

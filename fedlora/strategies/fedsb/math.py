@@ -57,9 +57,8 @@ def average_with_error(states: Sequence[AdapterState], weights: np.ndarray, froz
         if not key.endswith(LORASB_R):
             return None
         module = key[: -len(LORASB_R)]
-        B = np.asarray(frozen[module + LORASB_B], dtype=np.float64)
-        A = np.asarray(frozen[module + LORASB_A], dtype=np.float64)
-        return rounding_error2(exact, stored, A @ A.T, scale, left_gram=B.T @ B)
+        B, A = np.asarray(frozen[module + LORASB_B]), np.asarray(frozen[module + LORASB_A])
+        return rounding_error2(exact, stored, A @ A.T, scale, left_gram=B.T @ B)  # r×r Grams in B's and A's precision
 
     stored, errors = averages_with_rounding(states, weights, states[0].keys(), rounding if measure else None)
     return stored, ({"agg_error": error_ratio(errors)} if measure else {})

@@ -32,8 +32,8 @@ def average_with_error(states: list[AdapterState], weights: np.ndarray, frozen_A
     def rounding(key: str, exact: np.ndarray, stored: np.ndarray) -> tuple[float, float] | None:
         if not key.endswith(LORA_B):
             return None
-        A = np.asarray(frozen_A[key[: -len(LORA_B)] + LORA_A], dtype=np.float64)
-        return rounding_error2(exact, stored, A @ A.T, scale)
+        A = np.asarray(frozen_A[key[: -len(LORA_B)] + LORA_A])
+        return rounding_error2(exact, stored, A @ A.T, scale)  # the r×r Gram in A's precision
 
     stored, errors = averages_with_rounding(states, weights, states[0].keys(), rounding if measure else None)
     return stored, ({"agg_error": error_ratio(errors)} if measure else {})

@@ -60,6 +60,6 @@ class FLoRAServer(MergingServer):
 
     def save_final(self, model: PeftModel, path: Path) -> None:
         """The run's whole merged update as one exact LoRA of the total stacked rank (scale 1)."""
-        if not self.log.total:
+        if not any(self.log.merges.values()):
             return super().save_final(model, path)
         self.log.save_with(self.cfg, self.state, path)

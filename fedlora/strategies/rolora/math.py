@@ -51,7 +51,7 @@ def average_with_error(states: list[AdapterState], weights: np.ndarray, shared: 
     def rounding(key: str, exact: np.ndarray, stored: np.ndarray) -> tuple[float, float] | None:
         if not key.endswith(trained):
             return None
-        other = np.asarray(shared[key[: -len(trained)] + frozen], dtype=np.float64)
+        other = np.asarray(shared[key[: -len(trained)] + frozen])  # its r×r Gram in its own precision
         if trained == LORA_B:
             return rounding_error2(exact, stored, other @ other.T, scale)
         return rounding_error2(exact.T, stored.T, other.T @ other, scale)
