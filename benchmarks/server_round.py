@@ -15,9 +15,11 @@ strategy, on the same replies:
 * **one pass** — reading every reply's payload once (a float32 sum over each array's bytes):
   the memory-bandwidth floor of anything that looks at every input.
 
-Times are the median of ``--repeats`` runs, each on a fresh copy of the server made before the
-clock starts; memory is the tracemalloc peak of one more run above what existed before it
-(replies and the server's own state included in neither).
+Times are the median of ``--repeats`` rounds that run every case in turn (fedlora on a fresh
+copy of the server made before the clock starts), after one untimed warm-up round; memory is
+the tracemalloc peak of one more run above what existed before it (replies and the server's
+own state included in neither; fedlora's is the larger of agg_error on and off). Flower's
+per-round INFO lines are silenced.
 A second table grows K and r for FedAvg on 2 modules, with ``agg_error`` off and on.
 
     python -m benchmarks server [--layers 4] [--clients 10] [--rank 16] [--repeats 3] [--strategies all|…]
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import logging
 import statistics
 import time
 import tracemalloc
@@ -133,22 +136,38 @@ def one_pass(replies: list[Message]) -> float:
     return total
 
 
-def measure(fn: Callable[[object], object], repeats: int,
-            setup: Callable[[], object] = lambda: None) -> tuple[float, float]:
-    """(median seconds of ``fn(setup())`` over ``repeats`` runs, tracemalloc peak MiB of one more run above what
-    existed before it); ``setup`` — e.g. a fresh copy of the server — is neither timed nor traced."""
-    times = []
-    for _ in range(repeats):
-        argument = setup()
-        start = time.perf_counter()
-        fn(argument)
-        times.append(time.perf_counter() - start)
+Timed = tuple[Callable[[object], object], Callable[[], object]]
+
+
+def interleaved(cases: dict[str, Timed], repeats: int) -> dict[str, float]:
+    """Median seconds of each case's ``fn(setup())`` over ``repeats`` rounds that run every case in turn (after one
+    untimed warm-up round), so a slow spell of the machine hits every case alike; ``setup`` is not timed."""
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for repeat in range(repeats + 1):
+        for name, (fn, setup) in cases.items():
+            argument = setup()
+            start = time.perf_counter()
+            fn(argument)
+            if repeat:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def traced_peak(fn: Callable[[object], object], setup: Callable[[], object] = lambda: None) -> float:
+    """Tracemalloc peak (MiB) of one ``fn(setup())`` above what existed before it; ``setup`` is not traced."""
     argument = setup()
     tracemalloc.start()
     fn(argument)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    return statistics.median(times), peak / MiB
+    return peak / MiB
+
+
+def fedlora_case(name: str, adapter: dict[str, tuple[int, ...]], rank: int, every: int, messages: list[Message],
+                 replies: list[Message]) -> Timed:
+    """fedlora's round on a fresh copy of the server in its round-2 state (the copy is made before the clock starts)."""
+    base = server_loop(name, adapter, rank, every)
+    return (lambda loop: fedlora_round(loop, messages, replies)), (lambda: copy.deepcopy(base))
 
 
 def strategy_rows(strategies: list[str], layers: int, clients: int, rank: int, repeats: int) -> list[list[object]]:
@@ -156,16 +175,18 @@ def strategy_rows(strategies: list[str], layers: int, clients: int, rank: int, r
     rows = []
     for name in strategies:
         messages, replies = replies_for(name, adapter, clients, rank)
-        flower_s, flower_mib = measure(lambda _: flower_round(replies), repeats)
-        pass_s, _ = measure(lambda _: one_pass(replies), repeats)
+        cases = {"flower": ((lambda _: flower_round(replies)), lambda: None),
+                 "pass": ((lambda _: one_pass(replies)), lambda: None),
+                 "on": fedlora_case(name, adapter, rank, 1, messages, replies),
+                 "off": fedlora_case(name, adapter, rank, 0, messages, replies)}
+        seconds = interleaved(cases, repeats)
+        flower_s, pass_s = seconds["flower"], seconds["pass"]
         cells = []
-        for every in (1, 0):
-            base = server_loop(name, adapter, rank, every)
-            seconds, mib = measure(lambda loop: fedlora_round(loop, messages, replies), repeats,
-                                   setup=lambda: copy.deepcopy(base))
-            cells += [f"{1e3 * seconds:,.0f}", f"{seconds / flower_s:.2f}x", f"{seconds / (flower_s + pass_s):.2f}x"]
-            if every == 1:
-                peak = mib
+        for every in ("on", "off"):
+            cells += [f"{1e3 * seconds[every]:,.0f}", f"{seconds[every] / flower_s:.2f}x",
+                      f"{seconds[every] / (flower_s + pass_s):.2f}x"]
+        peak = max(traced_peak(*cases["on"]), traced_peak(*cases["off"]))
+        flower_mib = traced_peak(*cases["flower"])
         rows.append([name, *cells, f"{1e3 * flower_s:,.0f}", f"{1e3 * pass_s:,.0f}", f"{peak:,.0f}", f"{flower_mib:,.0f}",
                      f"{peak / flower_mib:.2f}x"])
         print(f"{name}: done", flush=True)
@@ -178,14 +199,10 @@ def growth_rows(repeats: int) -> list[list[object]]:
         for rank in (4, 16, 64):
             adapter = adapter_shapes(1, rank)
             messages, replies = replies_for("fedavg", adapter, clients, rank)
-            flower_s, _ = measure(lambda _: flower_round(replies), repeats)
-            row: list[object] = [clients, rank]
-            for every in (0, 1):
-                base = server_loop("fedavg", adapter, rank, every)
-                seconds, _ = measure(lambda loop: fedlora_round(loop, messages, replies), repeats,
-                                     setup=lambda: copy.deepcopy(base))
-                row.append(f"{1e3 * seconds:,.1f}")
-            rows.append([*row, f"{1e3 * flower_s:,.1f}"])
+            seconds = interleaved({"off": fedlora_case("fedavg", adapter, rank, 0, messages, replies),
+                                   "on": fedlora_case("fedavg", adapter, rank, 1, messages, replies),
+                                   "flower": ((lambda _: flower_round(replies)), lambda: None)}, repeats)
+            rows.append([clients, rank, *(f"{1e3 * seconds[case]:,.1f}" for case in ("off", "on", "flower"))])
             print(f"growth K={clients} r={rank}: done", flush=True)
     return rows
 
@@ -199,11 +216,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--strategies", default="all", help="comma-separated names, or all registered (default)")
     parser.add_argument("--no-growth", action="store_true", help="skip the K × r growth table")
     args = parser.parse_args(argv)
+    logging.getLogger("flwr").setLevel(logging.WARNING)
     print(f"start: {machine_line()}", flush=True)
     strategies = names() if args.strategies == "all" else args.strategies.split(",")
     rows = strategy_rows(strategies, args.layers, args.clients, args.rank, args.repeats)
     print(f"{2 * args.layers} modules (q_proj, v_proj of {args.layers} layers, d = k = {D}), r = {args.rank}, "
-          f"K = {args.clients} clients, float32, median of {args.repeats}; ratios against Flower's FedAvg on the same "
+          f"K = {args.clients} clients, float32, median of {args.repeats} interleaved rounds; ratios against Flower's FedAvg on the same "
           f"replies, and against FedAvg plus one pass over the inputs")
     print(markdown_table(
         ["strategy", "fedlora ms (agg_error on)", "× Flower", "× Flower + pass", "fedlora ms (agg_error off)", "× Flower",
