@@ -12,9 +12,10 @@ The runs go one after the other, never overlapping. Per-round time is the Server
 ``round_seconds`` (send, local training, replies, aggregation, held-out evaluation); round
 1 pays each runtime's cold start, so the table reports the mean of the warm rounds 2..N and
 their overhead over the simulated round. The floor of a deployed round is Flower's polling:
-an idle SuperNode pulls the SuperLink every 3 s and the ServerApp's Grid polls for replies
-every 3 s (``flwr/supernode/start_client_internal.py``, ``flwr/superlink/grid/http_grid.py``),
-so the target is (deployed − simulated) ≤ 3 × 3 s per warm round. "loads" counts the base
+an idle SuperNode pulls the SuperLink every 3 s (``flwr/supernode/start_client_internal.py``;
+fedlora's round loop polls for replies every 0.25 s itself instead of Flower's 3 s Grid wait,
+``flwr/superlink/grid/http_grid.py``), so the target is (deployed − simulated) ≤ 3 × 3 s per
+warm round. "loads" counts the base
 models each site's runner built for the run (from its log; one is the target).
 
     python -m benchmarks deployment [--models tiny-bert,minilm] [--rounds 4] [--local-steps 3] [--nodes 2]
