@@ -46,7 +46,7 @@ def loss_per_example(task: str, logits: torch.Tensor, labels: torch.Tensor) -> t
 
 
 def batch_losses(model: torch.nn.Module, rows: list[dict], task: str, pad_id: int, device: torch.device,
-                     amp_dtype: torch.dtype | None) -> torch.Tensor:
+                 amp_dtype: torch.dtype | None) -> torch.Tensor:
     """The loss of each of ``rows`` (collated, on ``device``, forward under ``amp_dtype`` autocast).
 
     The logits (batch × length × vocabulary: the largest activation of a causal LM) are

@@ -29,7 +29,8 @@ from fedlora.config import ConfigError, RunConfig
 from fedlora.adapters.state import AdapterState
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
-FORMAT = 1
+#: 2: merge logs keep per-round merges and the factors of dense ones (`merge-factors-<j>/`), no running total
+FORMAT = 2
 HEADER_KEY = "fedlora-checkpoint"
 #: run-config keys a resumed run may change; every other key must equal the checkpoint's
 RESUMABLE_CHANGES = frozenset({"num-server-rounds", "resume-from", "output-dir", "round-timeout", "device"})
