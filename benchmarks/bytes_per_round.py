@@ -1,10 +1,11 @@
 """Bytes per round per strategy: metrics.jsonl ``bytes_up`` / ``bytes_down`` vs each strategy's byte contract.
 
-Every registered strategy declares exactly which float32 arrays one client sends and
-receives per round (``traffic`` in its math module, see :mod:`fedlora.strategies.registry`):
-r(d+k) per module for FedIT, r·d for FFA-LoRA (B only), r² for Fed-SB (R only; B and A travel
-down once per node, with its first training message; round 0 uploads each client's dense d×k
-gradients), for FLoRA r(d+k) up and the previous round's merge at the stacked rank down, and
+Every registered strategy declares exactly which arrays one client sends and receives per
+round (``traffic`` in its math module, see :mod:`fedlora.strategies.registry`; float32, plus a
+float64 coefficient vector with a weighted stack): r(d+k) per module for FedIT, r·d for FFA-LoRA
+(B only), r² for Fed-SB (R only; B and A travel down once per node, with its first training
+message; round 0 uploads each client's dense d×k gradients), for FLoRA r(d+k) up and the
+previous round's merge (every client's factors) down, and
 so on for every strategy in the registry. The table splits the contract into the LoRA payload
 and the fully-trained extras (the classification head), and shows what Flower's count
 (``ArrayRecord.count_bytes``: each array's ``.npy`` bytes, a 128-byte header plus the payload,
@@ -21,17 +22,14 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 from benchmarks.common import machine_line, markdown_table, read_metrics
 from fedlora.adapters.lora import LORA_A, PEFT_PREFIX, adapter_state
 from fedlora.run_config import full_defaults, load_config
 from fedlora.runtime.inprocess import run_inprocess
 from fedlora.strategies.registry import names, spec_of
-from fedlora.strategies.traffic import array_name, extras
+from fedlora.strategies.traffic import array_name, extras, payload_bytes
 from fedlora.task import server_model
 
-F32 = 4
 Shapes = dict[str, tuple[int, ...]]
 
 
@@ -42,10 +40,10 @@ def adapter_shapes(model_name: str) -> Shapes:
 
 
 def payload(arrays: Shapes, adapter: Shapes) -> tuple[int, int]:
-    """(adapter-factor float32 bytes, extras float32 bytes) of ``arrays``; extras are the initial
-    adapter's fully-trained tensors (the head), with or without peft's name prefix."""
+    """(adapter-factor bytes, extras bytes) of ``arrays`` as they travel; extras are the initial adapter's
+    fully-trained tensors (the head), with or without peft's name prefix."""
     head = {k.removeprefix(PEFT_PREFIX) for k in extras(adapter)}
-    sizes = {k: F32 * int(np.prod(s)) for k, s in arrays.items()}
+    sizes = {k: payload_bytes(k, s) for k, s in arrays.items()}
     extra = sum(b for k, b in sizes.items() if array_name(k).removeprefix(PEFT_PREFIX) in head)
     return sum(sizes.values()) - extra, extra
 

@@ -12,7 +12,8 @@ from fedlora.adapters.lora import DENSE_DELTA, LORA_A, LORA_B, merge_into_base
 from fedlora.runtime.inprocess import run_inprocess
 from fedlora.strategies.common import client_weights
 from fedlora.strategies.fedavg.math import average_with_error, fedavg_states
-from fedlora.strategies.fedex.math import residual_factors, residual_merge, traffic
+from fedlora.adapters.stack import COEFFICIENTS, folded, folded_state, is_stack, term_name
+from fedlora.strategies.fedex.math import residual_coefficients, residual_merge, residual_terms, traffic
 
 M = "base_model.model.enc.query"
 
@@ -30,11 +31,14 @@ def _p(n):
 
 def test_residual_is_the_exact_gap_between_the_average_product_and_the_product_of_averages():
     states, p = _states(3, 12, 10, 2), _p(3)
-    Bs, As = [s[M + LORA_B].astype(np.float64) for s in states], [s[M + LORA_A].astype(np.float64) for s in states]
-    B_bar, A_bar = sum(w * B for w, B in zip(p, Bs)), sum(w * A for w, A in zip(p, As))
-    U, V = residual_factors(Bs, As, p, B_bar, A_bar)
+    states = [{k: v.astype(np.float64) for k, v in st.items()} for st in states]
+    average = {M + LORA_B: sum(w * st[M + LORA_B] for w, st in zip(p, states)),
+               M + LORA_A: sum(w * st[M + LORA_A] for w, st in zip(p, states))}
+    terms = residual_terms(states, average, M)
+    assert [B is st[M + LORA_B] for (B, _), st in zip(terms, states)] == [True] * 3, "the clients' factors, not copies"
+    U, V = folded(*zip(*terms), residual_coefficients(p, 1.0))
     assert U.shape == (12, 4 * 2) and V.shape == (4 * 2, 10), "rank ≤ (K+1)r"
-    dense = sum(w * B @ A for w, B, A in zip(p, Bs, As)) - B_bar @ A_bar
+    dense = sum(w * B @ A for w, B, A in zip(p, *zip(*terms[:-1]))) - average[M + LORA_B] @ average[M + LORA_A]
     np.testing.assert_allclose(U @ V, dense, rtol=1e-12, atol=1e-12)
 
 
@@ -43,16 +47,24 @@ def test_merge_travels_in_the_smaller_form_and_makes_the_update_exact(d, k, r, n
     states, p, s = _states(n, d, k, r), _p(n), 2.0
     average = fedavg_states(states, p)
     merge, factors, metrics = residual_merge(states, p, average, s)
-    assert (M + DENSE_DELTA in merge) == dense and ((M + LORA_A) in merge) == (not dense)
+    assert (M + DENSE_DELTA in merge) == dense and is_stack(merge) == (not dense)
     assert ((n + 1) * r * (d + k) < d * k) == (not dense)
     ideal = sum(w * s * st[M + LORA_B].astype(np.float64) @ st[M + LORA_A].astype(np.float64) for w, st in zip(p, states))
     base_part = s * average[M + LORA_B].astype(np.float64) @ average[M + LORA_A].astype(np.float64)
-    travelled = merge[M + DENSE_DELTA] if dense else merge[M + LORA_B].astype(np.float64) @ merge[M + LORA_A]
-    np.testing.assert_allclose(base_part + travelled, ideal, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(factors[M + LORA_B].astype(np.float64) @ factors[M + LORA_A], travelled, rtol=1e-4, atol=1e-4)
-    assert metrics["agg_error"] < 1e-6
-    dense_error = np.sqrt(np.sum((base_part + np.asarray(travelled, np.float64) - ideal) ** 2) / np.sum(ideal**2))
-    assert metrics["agg_error"] == pytest.approx(dense_error, rel=1e-3, abs=1e-9), "the float32 rounding, exactly"
+    exact = sum(c * B.astype(np.float64) @ A.astype(np.float64)
+                for (B, A), c in zip(residual_terms(states, average, M), residual_coefficients(p, s)))
+    np.testing.assert_allclose(base_part + exact, ideal, rtol=1e-12, atol=1e-10)
+    assert factors[COEFFICIENTS].dtype == np.float64 and factors[term_name(M, LORA_B, 0)] is states[0][M + LORA_B]
+    if dense:
+        travelled = merge[M + DENSE_DELTA].astype(np.float64)
+        np.testing.assert_allclose(travelled, exact, rtol=1e-6, atol=1e-6)
+        dense_error = np.sqrt(np.sum((base_part + travelled - ideal) ** 2) / np.sum(ideal**2))
+        assert 0 < metrics["agg_error"] < 1e-6
+        assert metrics["agg_error"] == pytest.approx(dense_error, rel=1e-3, abs=1e-9), "the float32 rounding, exactly"
+    else:
+        assert merge is factors and metrics["agg_error"] == 0.0, "the stack is the residual exactly"
+    folded_total = folded_state(factors, np.float64)
+    np.testing.assert_allclose(folded_total[M + LORA_B] @ folded_total[M + LORA_A], exact, rtol=1e-12, atol=1e-10)
     assert average_with_error(states, p, s)[1]["agg_error"] > 1e-2, "what the residual repairs is FedIT's error"
 
 
@@ -71,7 +83,9 @@ def test_a_dense_delta_merges_into_the_base_weight():
 
 def test_the_contract_switches_to_dense_where_it_is_smaller():
     adapter = {M + LORA_A: (4, 32), M + LORA_B: (32, 4), "base_model.model.head.weight": (3, 32)}
-    assert f"merge-1/{M}{LORA_A}" in traffic("down", 2, adapter, 2), "(2+1)·4·64 < 32·32: factored"
+    factored = traffic("down", 2, adapter, 2)
+    assert factored[f"merge-1/{term_name(M, LORA_A, 2)}"] == (4, 32) and factored[f"merge-1/{COEFFICIENTS}"] == (3,), \
+        "(2+1)·4·64 < 32·32: the clients' and the averages' factors with their coefficients"
     assert traffic("down", 2, adapter, 4)[f"merge-1/{M}{DENSE_DELTA}"] == (32, 32), "(4+1)·4·64 ≥ 32·32: dense"
     assert traffic("down", 1, adapter, 4) == adapter and traffic("up", 3, adapter, 4) == adapter
 

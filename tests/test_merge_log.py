@@ -3,6 +3,7 @@
 import numpy as np
 
 from fedlora.adapters.lora import DENSE_DELTA, LORA_A, LORA_B
+from fedlora.adapters.stack import COEFFICIENTS, weighted_stack
 from fedlora.server.merges import MergeLog
 
 M = "base_model.model.layer.q"
@@ -25,13 +26,16 @@ def test_total_is_the_sum_of_every_merge_and_survives_a_checkpoint_round_trip():
     log.record(2, {M + DENSE_DELTA: _product(dense_factors)}, dense_factors)  # travels dense, totalled as factors
     log.record(3, {})  # a skipped round
     log.record(4, third)
-    expected = _product(first) + _product(dense_factors) + _product(third)
+    a, b = _factors(2, 4), _factors(3, 5)
+    log.record(5, weighted_stack({M: [(a[M + LORA_B], a[M + LORA_A]), (b[M + LORA_B], b[M + LORA_A])]}, [0.3, -1.7]))
+    expected = _product(first) + _product(dense_factors) + _product(third) + 0.3 * _product(a) - 1.7 * _product(b)
     np.testing.assert_allclose(_product(log.total()), expected, rtol=1e-12, atol=1e-12)
     arrays, values = log.checkpoint()
     restored = MergeLog()
     restored.restore(arrays, values)
     np.testing.assert_array_equal(_product(restored.total()), _product(log.total()))
-    assert restored.missing(7, 5).keys() == {f"merge-{j}" for j in (1, 2, 3, 4)}, "a new node gets every merge"
-    assert M + DENSE_DELTA in restored.missing(7, 5)["merge-2"], "the dense round still travels dense"
+    assert restored.missing(7, 6).keys() == {f"merge-{j}" for j in (1, 2, 3, 4, 5)}, "a new node gets every merge"
+    assert M + DENSE_DELTA in restored.missing(7, 6)["merge-2"], "the dense round still travels dense"
+    assert restored.missing(7, 6)["merge-5"][COEFFICIENTS].dtype == np.float64, "a stack keeps its float64 weights"
     restored.delivered(3, [7])
-    assert restored.missing(7, 5).keys() == {"merge-3", "merge-4"}, "a node gets only the merges after its base"
+    assert restored.missing(7, 6).keys() == {"merge-3", "merge-4", "merge-5"}, "only the merges after its base"

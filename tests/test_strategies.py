@@ -17,13 +17,13 @@ from fedlora.run_config import load_config
 from fedlora.runtime.inprocess import run_inprocess
 from fedlora.server.strategy import ServerStrategy
 from fedlora.strategies.registry import names, spec_of, strategies
-from fedlora.strategies.traffic import array_name
+from fedlora.strategies.traffic import array_name, payload_bytes
 from fedlora.task import heldout_rows, load_task, server_model
 
 TINY = {"num-server-rounds": 2, "local-steps": 3, "batch-size": 8, "dataset.max-length": 32,
         "dataset.eval-max-examples": 32, "lora.rank": 4}
 MODELS = {"tiny-bert": "chatterbot-topics", "tiny-llama": "chatterbot-qa"}
-NPY_HEADER = 128  # np.save header of these small float32 arrays
+NPY_HEADER = 128  # np.save header of these small arrays
 MIXED = [n for n, s in strategies().items() if s.capabilities.heterogeneous_ranks]
 
 
@@ -117,8 +117,8 @@ def test_agg_error_cadence_skips_the_metric_and_nothing_else(tmp_path, shared_ru
 
 
 def _flower_bytes(arrays: dict[str, tuple[int, ...]]) -> int:
-    """Serialized bytes of float32 arrays as Flower counts them: payload + npy header + the array's name."""
-    return sum(4 * int(np.prod(shape)) + NPY_HEADER + len(array_name(key)) for key, shape in arrays.items())
+    """Serialized bytes of arrays as Flower counts them: payload + npy header + the array's name."""
+    return sum(payload_bytes(key, shape) + NPY_HEADER + len(array_name(key)) for key, shape in arrays.items())
 
 
 @pytest.mark.parametrize("strategy", names())

@@ -20,7 +20,8 @@ from fedlora.strategies.error_norms import (
 from fedlora.strategies.fedavg.math import fedavg_states
 from fedlora.strategies.fedsb.math import lorasb_init, lorasb_init_states
 from fedlora.strategies.ffa.math import trainable_part
-from fedlora.strategies.flora.math import flora_error, stacked_state
+from fedlora.adapters.stack import COEFFICIENTS, folded_state, stack_terms
+from fedlora.strategies.flora.math import stacked_state
 from fedlora.strategies.lorafair.math import aggregate_lorafair, lorafair_module
 
 D, K = 12, 10
@@ -224,17 +225,22 @@ def test_flora_stack_is_exact_for_mixed_ranks():
         assert B_stack.shape == (D, sum(RANKS)) and A_stack.shape == (sum(RANKS), K)
         ideal = sum(pk * sk * B @ A for pk, sk, B, A in zip(p, SCALES, Bs, As))
         np.testing.assert_allclose(B_stack @ A_stack, ideal, atol=1e-12)
-    assert flora_error(stacked_state(states, p, SCALES), states, p, SCALES) < 1e-6  # float32 stack as merged
 
 
-def test_flora_stacked_state_folds_scale_and_averages_head_apart():
+def test_flora_stacked_state_is_the_clients_factors_with_float64_weights():
+    """The merge holds every client's uploaded factors themselves (no copy) and c_k = p_k s_k in float64,
+    so folded it is Σ p_k s_k B_k A_k to fp64 precision; the head is averaged apart."""
     states, p = _lora_states(RANKS), _weights(3)
     stacked = stacked_state(states, p, SCALES)
-    assert set(stacked) == {m + suffix for m in MODULES for suffix in (LORA_A, LORA_B)}
+    assert stacked[COEFFICIENTS].dtype == np.float64
+    np.testing.assert_array_equal(stacked[COEFFICIENTS], [pk * sk for pk, sk in zip(p, SCALES)])
+    terms = stack_terms(stacked)
+    assert set(terms) == set(MODULES) and HEAD not in stacked
+    folded = folded_state(stacked, np.float64)
     for m in MODULES:
-        assert stacked[m + LORA_A].shape == (sum(RANKS), K) and stacked[m + LORA_B].shape == (D, sum(RANKS))
-        applied = stacked[m + LORA_B].astype(np.float64) @ stacked[m + LORA_A].astype(np.float64)
-        np.testing.assert_allclose(applied, ideal_update(*_factors(states, m), SCALES, p), rtol=1e-5, atol=1e-5)
+        assert all(B is st[m + LORA_B] and A is st[m + LORA_A] for (B, A, _), st in zip(terms[m], states))
+        np.testing.assert_allclose(folded[m + LORA_B] @ folded[m + LORA_A], ideal_update(*_factors(states, m), SCALES, p),
+                                   rtol=1e-12, atol=1e-12)
     extras = aggregate_extras(states, p, (LORA_A, LORA_B))
     assert set(extras) == {HEAD}
     np.testing.assert_allclose(extras[HEAD], weighted_sum([s[HEAD] for s in states], p), rtol=1e-6, atol=1e-6)
@@ -292,7 +298,8 @@ def test_flora_stacked_state_merges_into_a_peft_model():
 def test_concat_stacks_adds_rounds():
     p1, p2 = _weights(3, seed=1), _weights(2, seed=2)
     round1, round2 = _lora_states(RANKS, seed=1), _lora_states([8, 2], seed=2)
-    s1, s2 = stacked_state(round1, p1, SCALES), stacked_state(round2, p2, [2.0, 8.0])
+    s1, s2 = (folded_state(stacked_state(round1, p1, SCALES), np.float64),
+              folded_state(stacked_state(round2, p2, [2.0, 8.0]), np.float64))
     both = concat_factors([s1, {**s2, HEAD: np.ones((3, D), np.float32)}])
     assert concat_factors([{}, s2]).keys() == s2.keys()
     np.testing.assert_array_equal(both[HEAD], np.ones((3, D)))

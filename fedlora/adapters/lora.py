@@ -16,17 +16,16 @@ import peft
 import torch
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
-from fedlora.adapters.state import AdapterState, to_tensor
+from fedlora.adapters.stack import is_stack, stack_terms
+from fedlora.adapters.state import LORA_A, LORA_B, AdapterState, to_tensor
 from fedlora.config import LoraConfig
 from fedlora.models.loading import load_base_model
 from fedlora.process_cache import process_cache
 
-LORA_A = ".lora_A.weight"
 #: prefix of every state name of a PeftModel around a plain model (LoRA-SB state names carry none)
 PEFT_PREFIX = "base_model.model."
 #: a dense d×k base-weight update in a merge record (``<module>.base_delta.weight``), sent when smaller than its factors
 DENSE_DELTA = ".base_delta.weight"
-LORA_B = ".lora_B.weight"
 
 
 def peft_config(cfg: LoraConfig, task: str) -> peft.LoraConfig:
@@ -111,7 +110,8 @@ def scaling(cfg: LoraConfig) -> float:
 
 def merge_into_base(model: PeftModel, update: AdapterState) -> None:
     """W0 ← W0 + B·A for every LoRA pair in ``update`` (scale already folded into the factors),
-    and W0 ← W0 + D for every dense ``<module>.base_delta.weight`` D.
+    W0 ← W0 + Σ_i c_i B_i A_i for a weighted stack (:mod:`fedlora.adapters.stack`), and W0 ← W0 + D
+    for every dense ``<module>.base_delta.weight`` D.
 
     Module prefixes are peft state names (``base_model.model.…query``), which are also the
     module paths inside the PeftModel; the update is added to that module's frozen base weight
@@ -122,6 +122,10 @@ def merge_into_base(model: PeftModel, update: AdapterState) -> None:
             weight = model.get_submodule(module).base_layer.weight
             B, A = (to_tensor(update[module + suffix], weight.dtype, weight.device) for suffix in (LORA_B, LORA_A))
             weight.addmm_(B, A)  # W0 += B·A accumulated in place: no dense d×k temporary
+        for module, terms in (stack_terms(update) if is_stack(update) else {}).items():
+            weight = model.get_submodule(module).base_layer.weight
+            for B, A, c in terms:  # W0 += c·B·A: the coefficient enters the product, A is not copied scaled
+                weight.addmm_(to_tensor(B, weight.dtype, weight.device), to_tensor(A, weight.dtype, weight.device), alpha=c)
         for key in (k for k in update if k.endswith(DENSE_DELTA)):
             weight = model.get_submodule(key[: -len(DENSE_DELTA)]).base_layer.weight
             weight.add_(to_tensor(update[key], weight.dtype, weight.device))

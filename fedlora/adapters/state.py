@@ -11,6 +11,9 @@ import numpy as np
 import torch
 
 AdapterState = dict[str, np.ndarray]
+#: suffixes of a LoRA pair's factors in peft's naming: A (r×k) and B (d×r) of ``<module>``
+LORA_A = ".lora_A.weight"
+LORA_B = ".lora_B.weight"
 
 
 def to_tensor(array: np.ndarray, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> torch.Tensor:

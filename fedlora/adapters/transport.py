@@ -3,7 +3,11 @@
 Unpacking is zero-copy: every array of a received record becomes a read-only numpy view of
 the record's own bytes (Flower's ``Array.numpy()`` copies through ``np.load``). The npy
 header of each array is parsed and checked (dtype, shape, C order, no pickled objects)
-before the view is made, so a malformed array is refused, never guessed at.
+before the view is made, so a malformed array is refused, never guessed at. Packing such a
+view again (a client's factors that the server forwards in a weighted stack) reuses those bytes.
+
+Everything travels as float32 except a weighted stack's coefficient vector
+(:data:`fedlora.adapters.stack.COEFFICIENTS`), which is float64 so that no weight is rounded.
 """
 
 from __future__ import annotations
@@ -16,25 +20,43 @@ import math
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
+from fedlora.adapters.stack import wire_dtype
 from fedlora.adapters.state import AdapterState
 
 NUMPY_STYPE = "numpy.ndarray"
 
 
 def to_record(state: AdapterState) -> ArrayRecord:
-    """Pack float32 arrays (in key order) into an ArrayRecord (:func:`npy_array`)."""
-    return ArrayRecord({k: npy_array(v) for k, v in state.items()})
+    """Pack arrays (in key order) into an ArrayRecord, each in its :func:`~fedlora.adapters.stack.wire_dtype`
+    (:func:`npy_array`)."""
+    return ArrayRecord({k: npy_array(v, wire_dtype(k)) for k, v in state.items()})
 
 
-def npy_array(value: np.ndarray) -> Array:
-    """A float32 Flower Array holding exactly what ``np.save`` writes (npy 1.0), with one copy of the values.
+def npy_array(value: np.ndarray, dtype: type = np.float32) -> Array:
+    """A Flower Array of ``dtype`` holding exactly what ``np.save`` writes (npy 1.0), with at most one copy.
 
-    Flower's ``Array(ndarray)`` goes through ``np.save`` into a growing BytesIO and copies the result
-    again (~8× slower for a 2.6 MB stack); here the cached header and the array's buffer are joined once.
+    A view of a received npy payload (:func:`array_view`) of that dtype is packed as the bytes it
+    views, without a copy (:func:`received_payload`). Otherwise the cached header and the array's
+    buffer are joined once (Flower's ``Array(ndarray)`` goes through ``np.save`` into a growing
+    BytesIO and copies the result again: ~8× slower for a 2.6 MB stack).
     """
-    array = np.ascontiguousarray(value, dtype=np.float32)
-    data = b"".join((npy_header_bytes(array.shape, array.dtype.str), array.data))
+    array = np.ascontiguousarray(value, dtype=dtype)
+    header = npy_header_bytes(array.shape, array.dtype.str)
+    data = received_payload(array, header)
+    if data is None:
+        data = b"".join((header, array.data))
     return Array(dtype=str(array.dtype), shape=tuple(array.shape), stype=NUMPY_STYPE, data=data)
+
+
+def received_payload(array: np.ndarray, header: bytes) -> bytes | None:
+    """The ``bytes`` that ``array`` views when they are exactly ``header`` followed by the array's values, else None."""
+    owner = array.base
+    while isinstance(owner, np.ndarray):
+        owner = owner.base
+    if not isinstance(owner, bytes) or len(owner) != len(header) + array.nbytes or not owner.startswith(header):
+        return None
+    start = np.frombuffer(owner, dtype=np.uint8, count=0, offset=len(header)).__array_interface__["data"][0]
+    return owner if array.__array_interface__["data"][0] == start else None
 
 
 @functools.lru_cache(maxsize=4096)

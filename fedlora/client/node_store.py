@@ -17,6 +17,7 @@ import numpy as np
 from flwr.app import Context
 from safetensors.numpy import load_file, save
 
+from fedlora.adapters.stack import wire_dtype
 from fedlora.adapters.transport import from_record, to_record
 from fedlora.atomic_write import write_atomic
 from fedlora.adapters.state import AdapterState
@@ -54,7 +55,7 @@ class NodeStore:
     def put(self, name: str, state: AdapterState) -> None:
         self.memory[name] = to_record(state)
         write_atomic(self.folder / f"{name}.safetensors",
-                     save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in state.items()}))
+                     save({k: np.ascontiguousarray(v, dtype=wire_dtype(k)) for k, v in state.items()}))
 
     def get(self, name: str) -> AdapterState | None:
         if name in self.memory.array_records:

@@ -1,9 +1,9 @@
 """Base-weight merges by round, for strategies whose server changes every client's base (FLoRA, FedEx-LoRA).
 
-The server keeps each round's merge as it travels (factors ``<m>.lora_B/A.weight`` with the
-scale folded in, or a dense ``<m>.base_delta.weight`` where that is smaller, then also as
-factors); their total — what the final adapter must add to the base — is concatenated once,
-when the final adapter is saved.
+The server keeps each round's merge as it travels (a weighted stack of the clients' factors,
+:mod:`fedlora.adapters.stack`, or a dense ``<m>.base_delta.weight`` where that is smaller, then
+also as a stack); their total — what the final adapter must add to the base — is folded and
+concatenated once, when the final adapter is saved.
 Every node receives, with its next training message, exactly the merges it has not yet seen
 (``merge-<round>`` records) and replays them onto its base
 (:func:`fedlora.client.role.replay_merges`). A skipped round merges nothing, so every node's
@@ -19,6 +19,7 @@ from typing import Any
 from peft import PeftModel
 
 from fedlora.adapters.lora import LORA_A, bring_base_to, inject_lora, load_adapter_state
+from fedlora.adapters.stack import folded_state, is_stack
 from fedlora.adapters.state import AdapterState
 from fedlora.config import RunConfig
 from fedlora.models.loading import load_base_model
@@ -39,16 +40,17 @@ class MergeLog:
         self.node_version: dict[int, int] = {}
 
     def record(self, server_round: int, merge: AdapterState, factors: AdapterState | None = None) -> None:
-        """Keep ``merge`` (as it travels) for ``server_round``; ``factors`` is the same update as LoRA
-        factors when ``merge`` holds dense deltas (default: ``merge`` itself)."""
+        """Keep ``merge`` (as it travels) for ``server_round``; ``factors`` is the same update as a weighted
+        stack when ``merge`` holds dense deltas (default: ``merge`` itself)."""
         self.merges[server_round] = merge
         if factors is not None and factors is not merge:
             self.factored[server_round] = factors
 
     def total(self) -> AdapterState:
-        """Σ of every merge as one stack of LoRA factors per module (scale 1), concatenated once when asked for
-        (a round only records its merge: no run-long stack is copied every round)."""
-        return concat_factors([self.factored.get(j, self.merges[j]) for j in sorted(self.merges)])
+        """Σ of every merge as one stack of LoRA factors per module (scale 1), folded and concatenated once when
+        asked for (a round only records its merge: no run-long stack is copied every round)."""
+        rounds = [self.factored.get(j, self.merges[j]) for j in sorted(self.merges)]
+        return concat_factors([folded_state(merge) if is_stack(merge) else merge for merge in rounds])
 
     def missing(self, node_id: int, server_round: int) -> dict[str, AdapterState]:
         """The ``merge-<j>`` records node ``node_id`` lacks before training round ``server_round``."""

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from fedlora.adapters.lora import LORA_A, LORA_B, lora_modules
+from fedlora.adapters.stack import folded
 from fedlora.adapters.state import AdapterState
 
 def client_weights(num_examples: Sequence[int], mode: str) -> np.ndarray:
@@ -87,19 +88,10 @@ def ideal_factors(Bs: Sequence[np.ndarray], As: Sequence[np.ndarray], scales: Se
                   weights: np.ndarray, dtype: type = np.float64) -> Factored:
     """ΔW* = Σ_k p_k s_k B_k A_k as factors: U = [B_1 … B_K] (d × Σr_k), V = [p_1 s_1 A_1; …; p_K s_K A_K].
 
-    This is FLoRA's stacking; any mix of ranks r_k. Both factors are written straight into
-    arrays of ``dtype`` (float32 for what travels): each p_k s_k A_k is computed in float64 and
-    rounded once, with no float64 copy of the stack.
+    Any mix of ranks; both factors written straight into arrays of ``dtype``
+    (:func:`fedlora.adapters.stack.folded` with c_k = p_k s_k).
     """
-    ranks = [np.shape(A)[0] for A in As]
-    U = np.empty((np.shape(Bs[0])[0], sum(ranks)), dtype=dtype)
-    V = np.empty((sum(ranks), np.shape(As[0])[1]), dtype=dtype)
-    start = 0
-    for B, A, p, s, r in zip(Bs, As, weights, scales, ranks):
-        U[:, start:start + r] = B
-        np.multiply(A, float(p * s), out=V[start:start + r], dtype=np.float64, casting="same_kind")
-        start += r
-    return U, V
+    return folded(Bs, As, [float(p * s) for p, s in zip(weights, scales)], dtype)
 
 
 def concat_factors(updates: Sequence[AdapterState]) -> AdapterState:
@@ -123,18 +115,37 @@ def concat_factors(updates: Sequence[AdapterState]) -> AdapterState:
     return out
 
 
-def svd_of_factors(U: np.ndarray, V: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The thin SVD (P, σ, Qᵀ) of the d×k matrix U·V (U: d×m, V: m×k), without forming it.
+def _gram_basis(F: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(W, √λ) of FᵀF = W diag(λ) Wᵀ (F: n×m, float64) for the eigenvalues above m·ε·λ_max, largest first:
+    F·W·diag(1/√λ) is an orthonormal basis of F's column space, and F = that basis · diag(√λ)·Wᵀ."""
+    eigenvalues, W = np.linalg.eigh(F.T @ F)
+    order = np.argsort(eigenvalues)[::-1]
+    eigenvalues, W = eigenvalues[order], W[:, order]
+    kept = eigenvalues > F.shape[1] * np.finfo(np.float64).eps * max(float(eigenvalues[0]), 0.0)
+    return W[:, kept], np.sqrt(eigenvalues[kept])
 
-    Thin QR of both factors, U = Q_u R_u and Vᵀ = Q_v R_v, gives U·V = Q_u (R_u R_vᵀ) Q_vᵀ; the
-    SVD of the small core R_u R_vᵀ = X Σ Yᵀ then yields P = Q_u X, Qᵀ = Yᵀ Q_vᵀ. σ is sorted
-    descending and has min(d, k, m) entries; computed in float64.
+
+def svd_of_factors(U: np.ndarray, V: np.ndarray, rank: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The SVD (P, σ, Qᵀ) of the d×k matrix U·V (U: d×m, V: m×k, m small) from the m×m Grams of its factors.
+
+    UᵀU = W_u Λ_u W_uᵀ and VVᵀ = W_v Λ_v W_vᵀ (:func:`_gram_basis`) give orthonormal bases
+    Q_u = U W_u Λ_u^{-1/2} and Q_v = Vᵀ W_v Λ_v^{-1/2}, so U·V = Q_u C Q_vᵀ with the small core
+    C = Λ_u^{1/2} W_uᵀ W_v Λ_v^{1/2}; its SVD C = X Σ Yᵀ gives P = Q_u X and Qᵀ = Yᵀ Q_vᵀ. Neither
+    U·V nor Q_u, Q_v is formed: only the first ``rank`` columns of P (rows of Qᵀ) are, as U·(W_u Λ_u^{-1/2} X)
+    and (Yᵀ Λ_v^{-1/2} W_vᵀ)·V — two Grams (d·m² + k·m²) and two thin products (2(d + k)·m·rank flops),
+    in float64. σ has min(d, k, m) entries, descending (zeros past the product's numerical rank);
+    P and Qᵀ have min(``rank`` (default: all), the numerical rank) singular vectors.
     """
     U, V = np.asarray(U, dtype=np.float64), np.asarray(V, dtype=np.float64)
-    Qu, Ru = np.linalg.qr(U)
-    Qv, Rv = np.linalg.qr(V.T)
-    X, sigma, Yt = np.linalg.svd(Ru @ Rv.T, full_matrices=False)
-    return Qu @ X, sigma, Yt @ Qv.T
+    Wu, root_u = _gram_basis(U)
+    Wv, root_v = _gram_basis(V.T)
+    X, core_sigma, Yt = np.linalg.svd((root_u[:, None] * (Wu.T @ Wv)) * root_v, full_matrices=False)
+    n = len(core_sigma) if rank is None else min(rank, len(core_sigma))
+    sigma = np.zeros(min(U.shape[0], V.shape[1], U.shape[1]))
+    sigma[: len(core_sigma)] = core_sigma[: len(sigma)]
+    P = U @ ((Wu / root_u) @ X[:, :n])
+    Qt = (Yt[:n] @ (Wv / root_v).T) @ V
+    return P, sigma, Qt
 
 
 def check_same_keys(states: Sequence[Mapping[str, np.ndarray]]) -> None:

@@ -74,13 +74,14 @@ class StrategySpec:
 
     ``traffic`` names the strategy's byte contract, a pure function
     ``traffic(direction, server_round, adapter, clients) -> {name: shape}``: exactly the
-    float32 arrays one client sends (``direction = "up"``) or receives (``"down"``) in
+    arrays one client sends (``direction = "up"``) or receives (``"down"``) in
     ``server_round`` (0 = the setup phase), given the shapes of the run's initial adapter
     (``adapter``: peft names, A r×k, B d×r, the head) when ``clients`` clients take part in
     every round at the same rank. Arrays of records other than the adapter's own (``arrays``)
     are named ``<record>/<name>`` (e.g. ``merge-1/<module>.lora_A.weight``). Flower's byte
-    count follows from it exactly: per array, 4 bytes per value, a 128-byte npy header and the
-    length of ``<name>``.
+    count follows from it exactly: per array, its values (4 bytes each, 8 for a weighted stack's
+    float64 coefficients: :func:`fedlora.strategies.traffic.payload_bytes`), a 128-byte npy
+    header and the length of ``<name>``.
 
     ``check`` validates settings only this strategy cares about (raising
     :class:`~fedlora.config.ConfigError`); config validation calls it after the capability checks.

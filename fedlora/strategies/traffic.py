@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
+
 from fedlora.adapters.lora import LORA_A, LORA_B
+from fedlora.adapters.stack import wire_dtype
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -15,6 +20,11 @@ def in_record(record: str, shapes: Shapes) -> Shapes:
 def array_name(key: str) -> str:
     """The array's own name in a contract key (without its ``<record>/``)."""
     return key.rpartition("/")[2]
+
+
+def payload_bytes(key: str, shape: tuple[int, ...]) -> int:
+    """Bytes of the values of the array ``key`` of ``shape`` as it travels (its :func:`~fedlora.adapters.stack.wire_dtype`)."""
+    return np.dtype(wire_dtype(array_name(key))).itemsize * math.prod(shape)
 
 
 def lora_dims(adapter: Shapes) -> dict[str, tuple[int, int, int]]:

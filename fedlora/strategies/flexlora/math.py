@@ -15,21 +15,25 @@ from fedlora.strategies.traffic import Shapes
 def orthonormal_rows(Qt: np.ndarray, rank: int) -> np.ndarray:
     """``Qt`` (m×k, orthonormal rows) completed to ``rank`` orthonormal rows when m < rank.
 
-    The added rows span directions orthogonal to Qt's (from a QR of [Qtᵀ | I]), so factors
-    with zero singular values there still train (their B columns start at zero, A rows do not).
+    The added rows span directions orthogonal to Qt's (a fixed-seed Gaussian block projected off
+    Qt's rows twice, then a thin QR: O(k·rank²)), so factors with zero singular values there still
+    train (their B columns start at zero, A rows do not).
     """
     m, k = Qt.shape
     if m >= rank:
         return Qt[:rank]
     if rank > k:
         raise ValueError(f"rank {rank} exceeds the module's input size {k}")
-    basis = np.linalg.qr(np.concatenate([Qt.T, np.eye(k)], axis=1))[0]
-    return np.concatenate([Qt, basis[:, m:rank].T], axis=0)
+    extra = np.random.default_rng(0).standard_normal((rank - m, k))
+    for _ in range(2):
+        extra -= (extra @ Qt.T) @ Qt
+    return np.concatenate([Qt, np.linalg.qr(extra.T)[0].T], axis=0)
 
 
 def truncated(P: np.ndarray, sigma: np.ndarray, Qt: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
-    """(B, A) at scale 1 with B·A = T_rank(P Σ Qᵀ): B = P_r Σ_r (zero columns past the SVD's length), A = Q_rᵀ."""
-    m = min(rank, len(sigma))
+    """(B, A) at scale 1 with B·A = T_rank(P Σ Qᵀ): B = P_r Σ_r (zero columns past the singular vectors given),
+    A = Q_rᵀ completed to ``rank`` orthonormal rows."""
+    m = min(rank, P.shape[1])
     B = np.zeros((P.shape[0], rank))
     B[:, :m] = P[:, :m] * sigma[:m]
     return B, orthonormal_rows(Qt, rank)
@@ -52,7 +56,7 @@ def aggregate_flexlora(states: Sequence[AdapterState], weights: np.ndarray, scal
     total = global_tail = client_tail = 0.0
     for m in lora_modules(states[0]):
         U, V = ideal_factors([s[m + LORA_B] for s in states], [s[m + LORA_A] for s in states], scales, weights)
-        P, sigma, Qt = svd_of_factors(U, V)
+        P, sigma, Qt = svd_of_factors(U, V, global_rank)
         B, A = truncated(P, sigma, Qt, global_rank)
         out[m + LORA_B] = (B / global_scale).astype(np.float32)
         out[m + LORA_A] = A.astype(np.float32)

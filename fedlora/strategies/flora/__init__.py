@@ -8,8 +8,10 @@ module with client factors B_k (d×r_k), A_k (r_k×k), scales s_k and weights p_
     B_stack · A_stack = Σ_k p_k s_k B_k A_k              (exact)
 
 The server merges ``ΔW = B_stack·A_stack`` into the base weights, and every client must
-receive the same stacked factors (rank Σ_k r_k, scale folded in). Fully-trained tensors
-(a head) are averaged plainly.
+receive the same update (rank Σ_k r_k). It travels as a weighted stack
+(:mod:`fedlora.adapters.stack`): the clients' own B_k, A_k as uploaded and c_k = p_k s_k in
+float64, so nothing is rounded and ``agg_error`` is 0. Fully-trained tensors (a head) are
+averaged plainly.
 """
 
 from fedlora.strategies.registry import Capabilities, DocsRow, StrategySpec, register

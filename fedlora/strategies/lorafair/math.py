@@ -15,15 +15,24 @@ from fedlora.strategies.error_norms import averaging_error2, gram_norm2
 
 def residual_times_A(Bs: Sequence[np.ndarray], As: Sequence[np.ndarray], weights: np.ndarray, B_bar: np.ndarray,
                      A_bar: np.ndarray) -> np.ndarray:
-    """R Āᵀ for the residual R = ΔW − B̄Ā = Σ_k p_k (B_k − B̄)(A_k − Ā), in float64 (d×r), never forming R:
-    Σ_k (B_k − B̄)·(p_k (A_k − Ā)Āᵀ), one r×r product per client. O((d + k) r² K): a pass over the uploads."""
+    """R Āᵀ for the residual R = ΔW − B̄Ā = Σ_k p_k (B_k − B̄)(A_k − Ā), never forming R (d×r, float64).
+
+    = [B_1 − B̄ … B_K − B̄] · [p_1 (A_1 − Ā)Āᵀ; …; p_K (A_K − Ā)Āᵀ]: the differences are written into
+    one stacked buffer per factor (in the uploads' precision: the subtraction is where precision
+    matters, so it comes first), then two GEMMs — (Kr × k)·(k × r) and (d × Kr)·(Kr × r) —
+    instead of 2K thin ones. O((d + k) r² K) flops, two passes over the uploads.
+    """
     dtype = np.result_type(*Bs, *As)
     B_ref, A_ref = np.asarray(B_bar, dtype=dtype), np.asarray(A_bar, dtype=dtype)
-    out = np.zeros(B_ref.shape)
-    for B, A, p in zip(Bs, As, weights):
-        core = (np.asarray(A, dtype=dtype) - A_ref) @ A_ref.T * dtype.type(p)
-        out += (np.asarray(B, dtype=dtype) - B_ref) @ core
-    return out
+    r = A_ref.shape[0]
+    dA = np.empty((r * len(As), A_ref.shape[1]), dtype=dtype)
+    dB = np.empty((B_ref.shape[0], r * len(Bs)), dtype=dtype)
+    for i, (B, A) in enumerate(zip(Bs, As)):
+        np.subtract(A, A_ref, out=dA[i * r:(i + 1) * r])
+        np.subtract(B, B_ref, out=dB[:, i * r:(i + 1) * r])
+    core = dA @ A_ref.T
+    core *= np.repeat(np.asarray(weights, dtype=np.float64), r).astype(dtype)[:, None]
+    return np.asarray(dB @ core, dtype=np.float64)
 
 
 def ridge_correction(R_At: np.ndarray, A_bar: np.ndarray, lam: float) -> np.ndarray:
@@ -35,9 +44,12 @@ def ridge_correction(R_At: np.ndarray, A_bar: np.ndarray, lam: float) -> np.ndar
         raise ValueError(f"lorafair.lambda must be >= 0, got {lam}")
     A_bar = np.asarray(A_bar, dtype=np.float64)
     gram = A_bar @ A_bar.T + lam * np.eye(A_bar.shape[0])
+    R_At = np.asarray(R_At, dtype=np.float64)
+    if lam > 0:  # ĀĀᵀ + λI is symmetric positive definite: one r×r solve
+        return np.linalg.solve(gram, R_At.T).T
     # R Āᵀ (ĀĀᵀ)⁺ = R Ā⁺ is the minimum-norm solution when ĀĀᵀ is singular (λ = 0); the r×r pseudo-inverse
     # comes from its eigendecomposition (cutoff r·ε·λ_max), far cheaper than lstsq over d right-hand sides
-    return np.asarray(R_At, dtype=np.float64) @ np.linalg.pinv(gram, hermitian=True)
+    return R_At @ np.linalg.pinv(gram, hermitian=True)
 
 
 def correct_module(Bs: Sequence[np.ndarray], As: Sequence[np.ndarray], weights: np.ndarray, lam: float,
