@@ -15,6 +15,7 @@ import sys
 SUITES = {
     "server": "benchmarks.server_round",
     "client": "benchmarks.client_step",
+    "memory": "benchmarks.client_memory",
     "overhead": "benchmarks.framework_overhead",
     "scale": "benchmarks.scale",
     "bytes": "benchmarks.bytes_per_round",

@@ -16,6 +16,7 @@ checks the names (strategy, model, dataset) against their registries.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -67,6 +68,18 @@ def client_rank_list(v: str) -> str | None:
     return None if all(r > 0 for r in ranks) else "a comma-separated list of positive integers, e.g. '4,8,16'"
 
 
+def label_list(v: str) -> str | None:
+    names = [x.strip() for x in v.split(",") if x.strip()]
+    ok = len(names) == len(set(names)) and (not v.strip() or len(names) >= 2)
+    return None if ok else "at least two distinct comma-separated label names, e.g. 'sports,politics,tech' (or empty)"
+
+
+def report_targets(v: str) -> str | None:
+    targets = [x.strip() for x in v.split(",") if x.strip()]
+    ok = bool(targets) and set(targets) <= {"none", "tensorboard", "wandb"} and ("none" not in targets or len(targets) == 1)
+    return None if ok else "'none', or one or more of 'tensorboard', 'wandb' separated by commas"
+
+
 def device_name(v: str) -> str | None:
     ok = v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit())
     return None if ok else "'auto', 'cpu', 'cuda' or 'cuda:N'"
@@ -80,6 +93,14 @@ def knob(default: Any, check: Check | None = None, doc: str = "") -> Any:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = knob("minilm", doc="built-in name (minilm, smollm2, tiny-bert, tiny-llama), HF hub id or local path")
+    dtype: str = knob("auto", one_of("auto", "fp32", "bf16", "fp16"), "dtype the frozen base is loaded in; auto = bf16 "
+                                                                      "on CUDA where supported, else fp32 (adapters stay fp32)")
+    quantization: str = knob("none", one_of("none", "nf4", "int8"), "quantized frozen base through bitsandbytes: 4-bit "
+                                                                     "NF4 with double quantization (QLoRA) or 8-bit")
+    gradient_checkpointing: bool = knob(False, doc="recompute each layer's activations in the backward pass "
+                                                   "(reentrant, so Opacus' per-sample hooks work): less memory, more time")
+    device_map: str = knob("single", one_of("single", "spread"), "single = the whole model on the node's device; "
+                                                                 "spread = across every GPU the site makes visible")
 
 
 @dataclass(frozen=True)
@@ -94,8 +115,22 @@ class DatasetConfig:
     max_length: int = knob(64, positive, "tokens per example (longer ones are truncated)")
     eval_fraction: float = knob(0.2, open_fraction, "held-out share for server evaluation")
     eval_max_examples: int = knob(0, non_negative, "cap on held-out examples (0 = all)")
+    test_fraction: float = knob(0.0, below_one, "share of the dataset kept as a test split, scored once after the "
+                                "last round (test_predictions.npz); 0 = none. eval-fraction is then of the rest")
+    split_seed: int = knob(0, non_negative, "seed of the test split: the same test examples for every run seed")
+    score_test: bool = knob(True, doc="score the test split after the last round; false keeps it out of training "
+                                      "only (lr-sweep cells, which must not look at it)")
     local_eval_fraction: float = knob(0.0, below_one, "share of each client's rows it holds out to evaluate on "
                                       "(client evaluation, e.g. personalised models); 0 = evaluate on its training rows")
+    labels: str = knob("", label_list, "classification label names in id order, comma-separated; every file is checked "
+                                       "against them; empty = the sorted values of dataset.name's label column")
+    client_files: str = knob("", doc="simulation: one data file per client, a glob pattern or a directory (sorted; "
+                                     "client p trains on the p-th file); empty = partition dataset.name")
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        """The declared label set (``labels``), in id order; empty when not declared."""
+        return tuple(x.strip() for x in self.labels.split(",") if x.strip())
 
 
 @dataclass(frozen=True)
@@ -163,6 +198,20 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class EvaluationConfig:
+    where: str = knob("server", one_of("server", "clients", "none"), "who evaluates the global adapter each round: the "
+                                                                      "server on the held-out split, the fraction-evaluate "
+                                                                      "clients on their rows (the server loads no model), "
+                                                                      "or nobody")
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    limit_gb: float = knob(0.0, non_negative, "memory (GiB) a client's model may use on its device; 0 = the device's "
+                                              "total (all visible GPUs with model.device-map = spread)")
+
+
+@dataclass(frozen=True)
 class Sections:
     """Strategy config sections by name (``"lorafair"`` -> its frozen options dataclass); hashable."""
 
@@ -197,6 +246,8 @@ class RunConfig:
     resume_from: str = knob("", doc="run directory to continue from its last checkpoint; empty = a new run")
     device: str = knob("auto", device_name, "compute device")
     precision: str = knob("auto", one_of("auto", "fp32", "bf16", "fp16"), "autocast precision on CUDA")
+    report_to: str = knob("none", report_targets, "where per-round metrics also go: none, tensorboard, wandb "
+                                                  "(comma-separated), beside metrics.jsonl")
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
@@ -205,7 +256,12 @@ class RunConfig:
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     sections: Sections = field(default_factory=Sections)
+
+    def __post_init__(self) -> None:
+        check_combinations(self)
 
     def section(self, name: str) -> Any:
         """The options of strategy section ``name`` (e.g. ``cfg.section("lorafair").lambda_``)."""
@@ -214,6 +270,27 @@ class RunConfig:
     def to_flat(self) -> dict[str, Any]:
         """The config as Flower's flat dotted-key dict (what config.json stores), sections included."""
         return dict(_flatten(self))
+
+
+def check_combinations(cfg: RunConfig) -> None:
+    """Core keys that cannot work together (no registry needed): :class:`ConfigError` naming both keys."""
+    where, share = cfg.evaluation.where, cfg.fraction_evaluate
+    if where == "clients" and share == 0:
+        raise ConfigError("config keys 'evaluation.where' = 'clients' and 'fraction-evaluate' = 0.0 are incompatible: "
+                          "set fraction-evaluate > 0, the share of clients that evaluate after every round")
+    if cfg.dataset.test_fraction > 0 and cfg.dataset.score_test and where != "server":
+        raise ConfigError(f"config keys 'dataset.test-fraction' = {cfg.dataset.test_fraction} and 'evaluation.where' = "
+                          f"{where!r} are incompatible: the server scores the test split, so it must hold the model; "
+                          "use evaluation.where = 'server'")
+    if where == "none" and share > 0:
+        raise ConfigError(f"config keys 'evaluation.where' = 'none' and 'fraction-evaluate' = {share} are incompatible: "
+                          "nobody evaluates with 'none'; use 'clients' or set fraction-evaluate = 0")
+    if cfg.dp.mode == "sample" and cfg.model.dtype == "fp16":
+        raise ConfigError("config keys 'dp.mode' = 'sample' and 'model.dtype' = 'fp16' are incompatible: fp16 gradients "
+                          "need loss scaling, which breaks per-example clipping; use 'bf16' or 'fp32'")
+    if cfg.model.device_map == "spread" and cfg.device == "cpu":
+        raise ConfigError("config keys 'model.device-map' = 'spread' and 'device' = 'cpu' are incompatible: spread "
+                          "places the model across the site's visible GPUs; use device = 'cuda' or 'auto'")
 
 
 def _key(name: str) -> str:
@@ -292,6 +369,13 @@ def _build(cls: type, flat: Mapping[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def unknown_key_message(key: str, known: Mapping[str, Any]) -> str:
+    """One line for an unknown key: the closest known keys (``difflib``), else where the known keys are listed."""
+    close = difflib.get_close_matches(key, list(known), n=2, cutoff=0.75)
+    hint = f"did you mean {' or '.join(map(repr, close))}?" if close else "not a fedlora key"
+    return f"unknown config key {key!r}: {hint} (the known keys are in pyproject.toml [tool.flwr.app.config])"
+
+
 def parse_config(flat: Mapping[str, Any], sections: SectionTypes | None = None) -> RunConfig:
     """Validate Flower's flat run config and return the typed :class:`RunConfig`.
 
@@ -305,9 +389,7 @@ def parse_config(flat: Mapping[str, Any], sections: SectionTypes | None = None) 
     known = default_flat_config(sections)
     unknown = sorted(set(flat) - set(known))
     if unknown:
-        raise ConfigError(
-            f"unknown config key(s) {', '.join(map(repr, unknown))}; known keys: {', '.join(sorted(known))}"
-        )
+        raise ConfigError("; ".join(unknown_key_message(key, known) for key in unknown))
     cfg = _build(RunConfig, flat, "")
     parsed = Sections(tuple((name, _build(cls, flat, name + ".")) for name, cls in sorted(sections.items())))
     return dataclasses.replace(cfg, sections=parsed)

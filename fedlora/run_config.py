@@ -46,6 +46,11 @@ def check_strategy(cfg: RunConfig) -> StrategySpec:
             f"config keys 'lora.client-ranks' = {cfg.lora.client_ranks!r} and 'strategy' = {cfg.strategy!r} are "
             f"incompatible: only {', '.join(map(repr, capable))} aggregate clients of different ranks"
         )
+    if cfg.model.quantization != "none" and spec.capabilities.needs_dense_base:
+        raise ConfigError(f"config keys 'strategy' = {cfg.strategy!r} and 'model.quantization' = "
+                          f"{cfg.model.quantization!r} are incompatible: {spec.capabilities.needs_dense_base}, which a "
+                          "quantized base cannot take; use model.quantization = 'none' (model.dtype = 'bf16' halves "
+                          "fp32's memory)")
     check_privacy(cfg, spec)
     if spec.check is not None:
         spec.check(cfg)

@@ -5,27 +5,38 @@ The adapter state is a flat ``{name: float32 ndarray}`` in peft's saved-adapter 
 sequence classification, which peft trains in full as a ``modules_to_save`` module). For
 a module with frozen weight W0 (d×k) the adapted forward is ``W0 x + (α/r)·B A x`` with
 A (r×k) and B (d×r).
+
+Adapters are float32 whatever the base's dtype or quantization, and start from the seeded
+state of :mod:`fedlora.adapters.initial`. A process keeps one resident base per model, spec
+and variant (:class:`SharedBase`): the clients it serves differ only in their adapters, which
+are swapped on that one base (a named peft adapter per LoRA shape, one at a time).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 
-import numpy as np
 import peft
 import torch
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.utils.other import ModulesToSaveWrapper
+from transformers import PreTrainedModel
 
 from fedlora.adapters.stack import is_stack, stack_terms
+from fedlora.adapters.initial import DEFAULT_INIT_STD, seeded_adapter_state
 from fedlora.adapters.state import LORA_A, LORA_B, AdapterState, to_tensor
 from fedlora.config import LoraConfig
 from fedlora.models.loading import load_base_model
+from fedlora.models.precision import BaseSpec
 from fedlora.process_cache import process_cache
 
 #: prefix of every state name of a PeftModel around a plain model (LoRA-SB state names carry none)
 PEFT_PREFIX = "base_model.model."
 #: a dense d×k base-weight update in a merge record (``<module>.base_delta.weight``), sent when smaller than its factors
 DENSE_DELTA = ".base_delta.weight"
+#: the adapter of a model with one (peft saves that one at the top of its directory)
+DEFAULT_ADAPTER = "default"
 
 
 def peft_config(cfg: LoraConfig, task: str) -> peft.LoraConfig:
@@ -37,37 +48,120 @@ def peft_config(cfg: LoraConfig, task: str) -> peft.LoraConfig:
     )
 
 
-def inject_lora(model: torch.nn.Module, cfg: LoraConfig, task: str, seed: int) -> PeftModel:
-    """Wrap ``model`` with LoRA adapters; A is drawn from ``seed``, B starts at zero."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+def inject_lora(model: PreTrainedModel | PeftModel, cfg: LoraConfig, task: str, seed: int,
+                adapter: str = DEFAULT_ADAPTER) -> PeftModel:
+    """Wrap ``model`` with a LoRA adapter named ``adapter`` (or add it to a PeftModel) and make it the active one.
+
+    The adapter is float32 whatever the base (:func:`_float32_adapter`) and holds the seeded
+    initial state of ``seed`` (A random, B = 0, the head), kept as ``model.initial_state``.
+    A base on the meta device (:func:`fedlora.models.loading.skeleton_base_model`) gets a real
+    adapter on the CPU: the server's model when it evaluates nothing.
+    """
+    with torch.random.fork_rng(devices=[]):  # peft draws an init we overwrite: keep the caller's RNG as it was
         try:
-            return get_peft_model(model, peft_config(cfg, task))
+            if isinstance(model, PeftModel):
+                model.add_adapter(adapter, peft_config(cfg, task))
+            else:
+                model = get_peft_model(model, peft_config(cfg, task), adapter_name=adapter)
         except ValueError as err:  # peft's message for unknown target modules
             raise ValueError(f"lora.targets={cfg.targets!r} does not fit this model: {err}") from err
-
-
-@process_cache(maxsize=6)
-def cached_lora_model(model_name: str, task: str, num_labels: int, cfg: LoraConfig, seed: int, device: str,
-                      variant: str = "shared") -> PeftModel:
-    """The adapted model for this process, built once and reused across rounds.
-
-    Every use loads a full adapter state into it first (:func:`load_adapter_state`), so
-    what one round leaves behind never leaks into the next. ``variant`` keeps models
-    whose base weights a strategy changes (FLoRA merges) apart from the others. The
-    adapter as injected (A from ``seed``, B = 0) stays available as ``model.initial_state``.
-    """
-    model = inject_lora(load_base_model(model_name, task, num_labels), cfg, task, seed).to(device)
-    model.initial_state = adapter_state(model)
+    model.set_adapter(adapter)
+    _float32_adapter(model, adapter)
+    model.initial_state = initial_state(model, seed)
+    load_adapter_state(model, model.initial_state)
     return model
 
 
+def initial_state(model: PeftModel, seed: int) -> AdapterState:
+    """The seeded initial state (:func:`~fedlora.adapters.initial.seeded_adapter_state`) of the active adapter."""
+    shapes = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model, adapter_name=model.active_adapter).items()}
+    return seeded_adapter_state(shapes, seed, getattr(model.config, "initializer_range", DEFAULT_INIT_STD))
+
+
+def _of_adapter(name: str, adapter: str) -> bool:
+    """Whether parameter ``name`` belongs to adapter ``adapter`` (its LoRA factors or its copy of the head)."""
+    return ("lora_" in name or "modules_to_save" in name) and f".{adapter}." in name
+
+
+def inputs_in_own_dtype(module: torch.nn.Module, args: tuple) -> tuple:
+    """A forward pre-hook: floating inputs cast to the dtype of ``module``'s parameters."""
+    dtype = next(module.parameters()).dtype
+    return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
+def _float32_adapter(model: PeftModel, adapter: str) -> None:
+    """Every tensor of ``adapter`` in float32 (allocated on the CPU where the base is on the meta device), and its
+    head copy casting its input to its own dtype: adapters, their gradients and all that travels stay float32
+    whatever the base's dtype (peft's LoRA layers cast their own input)."""
+    for module_name, module in model.named_modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if not _of_adapter(f"{module_name}.{name}", adapter):
+                continue
+            if param.is_meta:
+                module._parameters[name] = torch.nn.Parameter(torch.zeros(param.shape, dtype=torch.float32),
+                                                              requires_grad=param.requires_grad)
+            elif param.dtype != torch.float32:
+                param.data = param.data.float()
+        if isinstance(module, ModulesToSaveWrapper) and adapter in module.modules_to_save:
+            module.modules_to_save[adapter].register_forward_pre_hook(inputs_in_own_dtype)
+
+
+def adapter_name(cfg: LoraConfig) -> str:
+    """The peft adapter name of a LoRA shape on a shared base: ``r<rank>_<digest of the LoRA config>``."""
+    return f"r{cfg.rank}_{hashlib.sha1(repr(cfg).encode()).hexdigest()[:10]}"
+
+
+class SharedBase:
+    """One resident frozen base, and on it the adapter of the client this process is serving.
+
+    Clients differ only in their adapters. The PeftModel around the base holds one adapter, of
+    the LoRA shape the current client trains: clients of the same shape reuse it, a client of
+    another shape (its own rank, say) replaces it by a named peft adapter of its shape — the base
+    is never rebuilt. :meth:`use` returns the PeftModel, valid until the next :meth:`use` (a
+    process serves its clients one at a time, and every use loads a full adapter state first, so
+    nothing leaks between them).
+    """
+
+    def __init__(self, base: PreTrainedModel, task: str) -> None:
+        self.base = base
+        self.task = task
+        self.model: PeftModel | None = None
+        self.initial: dict[tuple[str, int], AdapterState] = {}
+
+    def use(self, cfg: LoraConfig, seed: int) -> PeftModel:
+        """The model with the adapter of ``cfg`` (only) and ``model.initial_state`` its seeded state under ``seed``."""
+        name = adapter_name(cfg)
+        key = (name, seed)
+        if self.model is None or name not in self.model.peft_config:
+            previous = self.model.active_adapter if self.model is not None else None
+            self.model = inject_lora(self.model or self.base, cfg, self.task, seed, name)
+            if previous is not None:
+                self.model.delete_adapter(previous)
+                self.model.set_adapter(name)
+            self.initial[key] = self.model.initial_state
+        elif key not in self.initial:
+            self.initial[key] = initial_state(self.model, seed)
+        self.model.initial_state = self.initial[key]
+        return self.model
+
+
+@process_cache(maxsize=4)
+def cached_lora_model(model_name: str, task: str, num_labels: int, spec: BaseSpec,
+                      variant: str = "shared") -> SharedBase:
+    """This process's resident base for (model, task, spec, variant), loaded once and reused across rounds and clients.
+
+    ``variant`` keeps bases whose weights a strategy changes (FLoRA merges) apart from the
+    shared one; :meth:`SharedBase.use` gives the adapted model of one LoRA shape.
+    """
+    return SharedBase(load_base_model(model_name, task, num_labels, spec), task)
+
+
 def set_trainable(model: PeftModel, train_a: bool = True, train_b: bool = True) -> list[torch.nn.Parameter]:
-    """Make the adapter trainable (LoRA A only if ``train_a``, B only if ``train_b``, the head always);
-    returns the trainable parameters."""
+    """Make the active adapter trainable (LoRA A only if ``train_a``, B only if ``train_b``, the head always) and
+    everything else frozen; returns the trainable parameters."""
     params = []
     for name, param in model.named_parameters():
-        is_adapter = "lora_" in name or "modules_to_save" in name
+        is_adapter = _of_adapter(name, model.active_adapter)
         frozen = ("lora_A" in name and not train_a) or ("lora_B" in name and not train_b)
         param.requires_grad_(is_adapter and not frozen)
         if param.requires_grad:
@@ -76,13 +170,16 @@ def set_trainable(model: PeftModel, train_a: bool = True, train_b: bool = True) 
 
 
 def adapter_state(model: PeftModel) -> AdapterState:
-    """The trainable adapter tensors as float32 numpy arrays (bf16 cannot travel in an ArrayRecord)."""
-    return {k: v.detach().to("cpu", torch.float32).numpy().copy() for k, v in get_peft_model_state_dict(model).items()}
+    """The active adapter's tensors as float32 numpy arrays (bf16 cannot travel in an ArrayRecord)."""
+    own = get_peft_model_state_dict(model, adapter_name=model.active_adapter)
+    return {k: v.detach().to("cpu", torch.float32).numpy().copy() for k, v in own.items()}
 
 
 def load_adapter_state(model: PeftModel, state: AdapterState) -> None:
-    """Overwrite the model's adapter with ``state``; every adapter tensor must be present with its shape."""
-    own = get_peft_model_state_dict(model)
+    """Overwrite the active adapter with ``state``; every adapter tensor must be present with its shape.
+
+    Each tensor goes to its parameter's own device (a model spread over several GPUs has several)."""
+    own = get_peft_model_state_dict(model, adapter_name=model.active_adapter)
     missing = sorted(set(own) - set(state))
     extra = sorted(set(state) - set(own))
     if missing or extra:
@@ -90,9 +187,8 @@ def load_adapter_state(model: PeftModel, state: AdapterState) -> None:
     for key, value in own.items():
         if tuple(state[key].shape) != tuple(value.shape):
             raise ValueError(f"adapter tensor {key!r} has shape {state[key].shape}, the model expects {tuple(value.shape)}")
-    device = next(model.parameters()).device
-    tensors = {k: to_tensor(v, own[k].dtype, device) for k, v in state.items()}
-    result = set_peft_model_state_dict(model, tensors)
+    tensors = {k: to_tensor(v, own[k].dtype, own[k].device) for k, v in state.items()}
+    result = set_peft_model_state_dict(model, tensors, adapter_name=model.active_adapter)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise ValueError(f"peft did not place adapter tensors {unexpected[:3]}")
@@ -132,16 +228,10 @@ def merge_into_base(model: PeftModel, update: AdapterState) -> None:
 
 
 def fresh_lora_state(model: PeftModel, seed: int | tuple[int, ...]) -> AdapterState:
-    """A new LoRA as peft initialises one: A ~ U(−1/√k, 1/√k) (Kaiming-uniform, a=√5), B = 0, drawn from ``seed``."""
-    rng = np.random.default_rng(seed)
-    state = {}
-    for key, value in model.initial_state.items():
-        if key.endswith(LORA_A):
-            bound = 1.0 / np.sqrt(value.shape[1])
-            state[key] = rng.uniform(-bound, bound, size=value.shape).astype(np.float32)
-        elif key.endswith(LORA_B):
-            state[key] = np.zeros_like(value)
-    return state
+    """A new LoRA (no head) of the active adapter's shape, drawn from ``seed`` as :mod:`fedlora.adapters.initial` draws
+    one: A ~ U(−1/√k, 1/√k) (Kaiming-uniform, a=√5), B = 0."""
+    lora = {k: v.shape for k, v in model.initial_state.items() if k.endswith((LORA_A, LORA_B))}
+    return seeded_adapter_state(lora, seed)
 
 
 def bring_base_to(model: PeftModel, version: int, merge_of: Callable[[int], AdapterState | None]) -> None:

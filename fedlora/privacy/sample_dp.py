@@ -29,6 +29,11 @@ and keeps an accountant of its own. Everything Opacus adds is removed afterwards
 cached model object stays a plain module for later rounds and non-DP use. Privacy
 accounting is the caller's job: the result carries the q and the step count that, with
 σ, form the round's :class:`fedlora.privacy.accounting.AccountantEntry`.
+
+Gradient checkpointing (``model.gradient-checkpointing``) works with the per-sample hooks in
+its reentrant form only (:mod:`fedlora.models.checkpointing`: the hooks record a layer's
+activations once, in the recomputation the backward pass runs); a model that checkpoints
+otherwise is refused, since Opacus would not see the recomputed activations.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClippi
 from opacus.validators.module_validator import ModuleValidator
 
 from fedlora.losses import batch_losses
+from fedlora.models.checkpointing import non_reentrant_checkpointing
 from fedlora.privacy.sampling import noise_generator, poisson_batches, sample_rate_of
 
 GRAD_SAMPLE_MODES = ("hooks", "ghost")
@@ -153,7 +159,8 @@ def dp_train_steps(model: torch.nn.Module, rows: list[dict], task: str, pad_id: 
     (:func:`fedlora.privacy.sampling.noise_generator`), then one Poisson mask per step.
     ``amp_dtype`` may be bf16 or None (per-example gradients are cast to the parameters'
     dtype before clipping); fp16 needs loss scaling, which would scale the per-example
-    gradients before clipping, and is refused. Raises RuntimeError if the
+    gradients before clipping, and is refused. Layers may checkpoint (reentrant only, see the
+    module docstring). Raises RuntimeError if the
     first step that should move the adapter (a non-empty batch, or σ > 0) leaves it unchanged.
     """
     if grad_sample_mode not in GRAD_SAMPLE_MODES:
@@ -166,6 +173,10 @@ def dp_train_steps(model: torch.nn.Module, rows: list[dict], task: str, pad_id: 
     if any(p.device.type != device.type for p in params):
         raise ValueError(f"move the model to {device} before DP training (and before building the optimizer)")
     check_frozen_embeddings_and_norms(model)
+    unseen = non_reentrant_checkpointing(model)
+    if unseen:
+        raise ValueError(f"DP training needs reentrant gradient checkpointing (use_reentrant=True), which "
+                         f"{unseen[:3]} do not use; turn it on with fedlora.models.checkpointing.set_gradient_checkpointing")
     sample_rate = sample_rate_of(batch_size, len(rows))
     noise = noise_generator(generator, device)
     batches = poisson_batches(len(rows), sample_rate, generator)

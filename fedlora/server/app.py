@@ -1,20 +1,32 @@
 """The fedlora ServerApp: one ``@app.main()`` that runs a whole federated LoRA fine-tune.
 
-Validates the config before anything loads, builds the initial adapter (LoRA A from the
-run seed, B = 0, classification head from a fixed seed), runs the configured strategy
-with a held-out evaluation after every round (round 0 = the base model), and writes the
-run directory (see :mod:`fedlora.server.rundir`): metrics first, then the checkpoint, after
-every round. With ``resume-from`` it continues a run from its last checkpoint instead. The
-ServerApp holds the run directory's lock (:mod:`fedlora.server.lock`) from before it touches
-the directory until it ends, so no second ServerApp can write there meanwhile.
+Validates the config before anything loads, builds the initial adapter (LoRA A, B = 0 and a
+classification head, all from the run seed: :mod:`fedlora.adapters.initial`), runs the
+configured strategy with an evaluation after every round, and writes the run directory (see
+:mod:`fedlora.server.rundir`): metrics first, then the checkpoint, after every round.
+
+``evaluation.where`` says who evaluates: ``server`` — the server's own model on the held-out
+split (round 0 = the initial adapter); ``clients`` — the ``fraction-evaluate`` clients on their
+rows after every training round (``client_eval_*``, the run's headline metric), and the server
+holds the adapter on a skeleton of the base without its weights; ``none`` — nobody, with the
+same skeleton. The run directory and the final adapter are the same in every mode. A run with
+a test split (``dataset.test-fraction``) has the server score the final model on it once, after
+the last round (:mod:`fedlora.server.testset`).
+
+With ``resume-from`` it continues a run from its last checkpoint instead. The ServerApp holds
+the run directory's lock (:mod:`fedlora.server.lock`) from before it touches the directory
+until it ends, so no second ServerApp can write there meanwhile.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+from peft import PeftModel
 
 from fedlora.adapters.lora import adapter_state
 from fedlora.adapters.state import AdapterState
@@ -29,7 +41,8 @@ from fedlora.server.rounds import RoundLoop
 from fedlora.server.lock import run_directory_lock
 from fedlora.server.rundir import RunDirectory, resolve_output_dir, resolve_path
 from fedlora.server.strategy import ServerStrategy
-from fedlora.task import heldout_rows, load_task, server_model
+from fedlora.server.testset import score_final_model
+from fedlora.task import heldout_rows, load_task, server_model, skeleton_model
 
 app = ServerApp()
 
@@ -41,6 +54,21 @@ def build_strategy(cfg: RunConfig, initial_state: AdapterState) -> ServerStrateg
     if cfg.dp.mode == "user":
         return UserLevelDP(strategy, cfg, spec.capabilities.setup_round)
     return strategy
+
+
+def server_evaluation(cfg: RunConfig, strategy: ServerStrategy, model: PeftModel,
+                      device: torch.device) -> Callable[[], dict[str, float]]:
+    """What the round loop calls after every round: the global model on the held-out split
+    (``evaluation.where = server``), else nothing (the clients evaluate, or nobody does)."""
+    if cfg.evaluation.where != "server":
+        return lambda: {}
+    task, rows, amp = load_task(cfg), heldout_rows(cfg), autocast_dtype(cfg.precision, device)
+
+    def evaluate() -> dict[str, float]:
+        strategy.apply_to(model)
+        return evaluate_rows(model, rows, task.kind, task.pad_id, 64, device, amp)
+
+    return evaluate
 
 
 def run_path(cfg: RunConfig) -> Path:
@@ -73,16 +101,9 @@ def run(grid: Grid, cfg: RunConfig, path: Path) -> None:
     run_dir, resumed = open_run(cfg, path)
     print(f"[fedlora] run directory: {run_dir.path}", flush=True)
     device = pick_device(cfg.device)
-    model = server_model(cfg, str(device))
-    rows = heldout_rows(cfg)
-    amp = autocast_dtype(cfg.precision, device)
-
+    model = server_model(cfg, str(device)) if cfg.evaluation.where == "server" else skeleton_model(cfg)
     strategy = build_strategy(cfg, adapter_state(model))
-
-    def evaluate() -> dict[str, float]:
-        strategy.apply_to(model)
-        return evaluate_rows(model, rows, task.kind, task.pad_id, 64, device, amp)
-
+    evaluate = server_evaluation(cfg, strategy, model, device)
     reporter = RoundReporter(run_dir, cfg, task.kind, run_dir.read_metrics() if resumed else None)
     loop = RoundLoop(strategy, cfg, evaluate, reporter, run_dir.checkpoint)
     if resumed:
@@ -90,7 +111,7 @@ def run(grid: Grid, cfg: RunConfig, path: Path) -> None:
         print(f"[fedlora] resuming after round {resumed.server_round} from {run_dir.checkpoint}", flush=True)
     loop.run(grid, first_round=resumed.server_round + 1 if resumed else 0)
     strategy.save_final(model, run_dir.final_adapter)
-    summary = reporter.summary()
+    summary = {**reporter.summary(), **score_final_model(cfg, strategy, model, run_dir.path, device)}
     run_dir.write_summary(summary)
     print(reporter.table(), flush=True)
     print(f"[fedlora] {summary['metric']}: {summary['initial']} (round 0) -> {summary['final']} "

@@ -18,15 +18,14 @@ from typing import Any
 
 from peft import PeftModel
 
-from fedlora.adapters.lora import LORA_A, bring_base_to, inject_lora, load_adapter_state
+from fedlora.adapters.lora import LORA_A, bring_base_to, load_adapter_state
 from fedlora.adapters.stack import folded_state, is_stack
 from fedlora.adapters.state import AdapterState
 from fedlora.config import RunConfig
-from fedlora.models.loading import load_base_model
 from fedlora.protocol import ARRAYS, merge_record
 from fedlora.server.strategy import ServerStrategy, prefixed, unprefixed
 from fedlora.strategies.common import concat_factors
-from fedlora.task import load_task
+from fedlora.task import save_final_adapter, skeleton_model
 
 
 class MergeLog:
@@ -82,15 +81,15 @@ class MergeLog:
         """Save total + ``adapter`` (LoRA factors at scale 1 and the extras) as one exact peft LoRA in ``path``.
 
         The rank of the saved LoRA is that of the concatenated factors, so
-        ``W0 + B·A`` of the saved adapter equals the server's merged base plus ``adapter``.
+        ``W0 + B·A`` of the saved adapter equals the server's merged base plus ``adapter``. It is
+        written in the portable format of every final adapter, from an adapter on a skeleton of
+        the base (no base weights load).
         """
         state = concat_factors([self.total(), adapter])
         rank = next(v.shape[0] for k, v in state.items() if k.endswith(LORA_A))
-        lora = dataclasses.replace(cfg.lora, rank=rank, alpha=float(rank), client_ranks="")
-        task = load_task(cfg)
-        final = inject_lora(load_base_model(cfg.model.name, task.kind, task.num_labels), lora, task.kind, cfg.seed)
+        final = skeleton_model(cfg, dataclasses.replace(cfg.lora, rank=rank, alpha=float(rank), client_ranks=""))
         load_adapter_state(final, state)
-        final.save_pretrained(path)
+        save_final_adapter(final, path, cfg)
 
 
 class MergingServer(ServerStrategy):

@@ -32,6 +32,7 @@ from fedlora.protocol import ARRAYS
 from fedlora.server.round import ClientUpdate, Round
 from fedlora.server.validation import Shapes
 from fedlora.strategies.common import weighted_average
+from fedlora.task import save_final_adapter
 
 
 def prefixed(prefix: str, state: AdapterState) -> AdapterState:
@@ -141,6 +142,8 @@ class ServerStrategy(ABC):
         load_adapter_state(model, self.state)
 
     def save_final(self, model: PeftModel, path: Path) -> None:
-        """Write the final global adapter where ``peft.PeftModel.from_pretrained`` loads it."""
+        """Write the final global adapter in the portable format (:mod:`fedlora.adapters.export`) that
+        ``peft.PeftModel.from_pretrained`` and ``AutoPeftModelFor…`` load; ``model`` is the server's model, on a
+        skeleton of the base when the server evaluates nothing (:func:`fedlora.task.skeleton_model`)."""
         self.apply_to(model)
-        model.save_pretrained(path)
+        save_final_adapter(model, path, self.cfg)

@@ -39,7 +39,9 @@ class Capabilities:
     * ``linear``: the server releases one (weighted) linear average of the uploads, which is
       what user-level DP's clip-and-noise protects; when False, ``not_linear`` says why;
     * ``setup_round``: a phase before round 1 whose uploads the server averages linearly
-      (Fed-SB's gradient round) — a release of client data under DP, accounted as such.
+      (Fed-SB's gradient round) — a release of client data under DP, accounted as such;
+    * ``needs_dense_base``: why the strategy cannot run on a quantized base (``model.quantization``),
+      or empty when it can.
     """
 
     exact: bool = False
@@ -47,6 +49,7 @@ class Capabilities:
     linear: bool = False
     not_linear: str = ""
     setup_round: bool = False
+    needs_dense_base: str = ""
 
     def __post_init__(self) -> None:
         if not self.linear and not self.not_linear:

@@ -19,8 +19,9 @@ register(StrategySpec(
     server=f"{__name__}.server:FedExServer",
     client=f"{__name__}.client:ResidualBase",
     traffic=f"{__name__}.math:traffic",
-    capabilities=Capabilities(exact=True, not_linear="FedEx-LoRA releases the residual Σ_k p_k B_k A_k − B̄Ā, built "
-                                                     "from per-client products, beside the averages"),
+    capabilities=Capabilities(exact=True, needs_dense_base="it merges updates into every client's base weights",
+                              not_linear="FedEx-LoRA releases the residual Σ_k p_k B_k A_k − B̄Ā, built from "
+                                         "per-client products, beside the averages"),
     docs=DocsRow(idea="FedEx-LoRA: FedIT plus the exact residual folded into every base",
                  up="r(d+k)", down="r(d+k) + min((K+1)r(d+k), d·k) per missed residual"),
 ))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from fedlora.adapters.lora import inputs_in_own_dtype
 from fedlora.adapters.lorasb import (
     LORASB_R, gradient_estimate, inject_lorasb, load_lorasb_state, lorasb_factors, lorasb_modules, lorasb_state,
 )
@@ -14,7 +15,9 @@ from fedlora.client.role import ClientRole, Incoming
 from fedlora.config import RunConfig
 from fedlora.data.tokenize import collate, endless_batches
 from fedlora.losses import loss_per_example
+from fedlora.models.checkpointing import set_gradient_checkpointing
 from fedlora.models.loading import load_base_model
+from fedlora.models.precision import base_spec
 from fedlora.privacy.dp_gradient import dp_gradient_estimate
 from fedlora.process_cache import on_clear
 from fedlora.protocol import FEDSB_TARGETS, LORASB_FACTORS
@@ -24,16 +27,30 @@ _LORASB_MODELS: dict[tuple, torch.nn.Module] = {}
 on_clear(_LORASB_MODELS.clear)
 
 
+def fedsb_base(cfg: RunConfig, device: torch.device) -> torch.nn.Module:
+    """A fresh frozen base held as ``model.*`` says (its dtype; Fed-SB refuses a quantized base at config time)."""
+    task = load_task(cfg)
+    return load_base_model(cfg.model.name, task.kind, task.num_labels, base_spec(cfg.model, device))
+
+
 def lorasb_model(cfg: RunConfig, frozen: AdapterState, trainable: AdapterState, device: torch.device) -> torch.nn.Module:
-    """The base model with LoRA-SB on the modules of ``frozen`` (B, A), built once per process and factors."""
+    """The base model with LoRA-SB on the modules of ``frozen`` (B, A), built once per process and factors.
+
+    R and the head train in float32 whatever the base's dtype (the head casts its input to its own
+    dtype); layers checkpoint when ``model.gradient-checkpointing`` is on.
+    """
     key = (cfg, digest(frozen), str(device))
     if key not in _LORASB_MODELS:
         _LORASB_MODELS.clear()
-        task = load_task(cfg)
-        base = load_base_model(cfg.model.name, task.kind, task.num_labels).to(device)
+        base = fedsb_base(cfg, device)
         heads = sorted({k.rsplit(".", 1)[0] for k in trainable if not k.endswith(LORASB_R)})
-        _LORASB_MODELS[key] = inject_lorasb(base, lorasb_modules(frozen), cfg.lora.rank, cfg.lora.alpha / cfg.lora.rank,
-                                            lorasb_factors(frozen, trainable), modules_to_save=heads)
+        model = inject_lorasb(base, lorasb_modules(frozen), cfg.lora.rank, cfg.lora.alpha / cfg.lora.rank,
+                              lorasb_factors(frozen, trainable), modules_to_save=heads)
+        for name, module in model.named_modules():
+            if name in heads and next(module.parameters()).dtype != torch.float32:
+                module.float().register_forward_pre_hook(inputs_in_own_dtype)
+        set_gradient_checkpointing(model, cfg.model.gradient_checkpointing)
+        _LORASB_MODELS[key] = model
     return _LORASB_MODELS[key]
 
 
@@ -69,7 +86,7 @@ class OnlyR(ClientRole):
         targets = str(config[FEDSB_TARGETS]).split(",")
         batches_wanted = self.setup_steps(cfg)
         task = load_task(cfg)
-        model = load_base_model(cfg.model.name, task.kind, task.num_labels).to(device)
+        model = fedsb_base(cfg, device)
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + partition_id)
 
         def loss_of(m: torch.nn.Module, batch: dict) -> torch.Tensor:

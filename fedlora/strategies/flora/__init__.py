@@ -22,6 +22,7 @@ register(StrategySpec(
     server=f"{__name__}.server:FLoRAServer",
     client=f"{__name__}.client:FreshLoRA",
     capabilities=Capabilities(exact=True, heterogeneous_ranks=True,
+                              needs_dense_base="it merges updates into every client's base weights",
                               not_linear="FLoRA releases every client's stacked LoRA factors (per-client products "
                                          "B_k·A_k), not one average"),
     docs=DocsRow(idea="FLoRA: stack factors, merge into the base, fresh LoRA each round; mixed ranks",
