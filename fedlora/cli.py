@@ -1,5 +1,15 @@
 """The ``fedlora`` command: ``fedlora <command> --help`` for each.
 
+Running:
+
+* ``fedlora run``               — check a run's config, data and model in seconds, then run it as a local
+                                  Flower simulation with readable progress (:mod:`fedlora.runtime.launch`);
+* ``fedlora grid``              — run a comparison grid resumably and write its report
+                                  (:mod:`fedlora.experiments.run`);
+* ``fedlora report``            — any results directory as paired comparisons with 95 % confidence
+                                  intervals, plots and the check of a results document
+                                  (:mod:`fedlora.experiments.report`);
+
 Deployment:
 
 * ``fedlora site``              — a site in one command: its ``flower-supernode`` and its persistent
@@ -7,14 +17,20 @@ Deployment:
 * ``fedlora clientapp-runner``  — the persistent ClientApp runner alone, attached to a running
                                   SuperNode's Runtime API (what a site's container runs);
 * ``fedlora serverapp-runner``  — the persistent ServerApp runner, attached to the SuperLink's
-                                  Runtime API.
+                                  Runtime API;
+* ``fedlora register-sites``    — register sites' public keys with the SuperLink (idempotent);
+* ``fedlora certs``             — the deployment's CA, SuperLink certificate, node keys and SuperExec
+                                  secrets (the script ships in the package: ``make_certs.sh``).
 
-The runners serve only the installed fedlora (:mod:`fedlora.runtime.app_identity`).
+The runners serve only the installed fedlora (:mod:`fedlora.runtime.app_identity`). A command
+whose arguments another module parses is listed in :data:`DELEGATED` ("module:function", called
+with the arguments after the command name).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import signal
 import subprocess
@@ -25,6 +41,17 @@ from pathlib import Path
 from fedlora.deployment.commands import LOOPBACK, supernode_args
 
 DEFAULT_NODE_RUNTIME_PORT = 9094
+#: the certificate script, shipped inside the package (deploy/make_certs.sh links to it)
+MAKE_CERTS = Path(__file__).resolve().parent / "deployment" / "make_certs.sh"
+#: commands that hand their arguments to another function's ``main(argv)``: name -> ("module:function", help)
+DELEGATED = {
+    "run": ("fedlora.runtime.launch:main", "check a run, then run it as a local Flower simulation (what make run does)"),
+    "grid": ("fedlora.experiments.run:main", "run a comparison grid (strategies × partitions × privacy × seeds), "
+                                             "resumably, and write its report"),
+    "report": ("fedlora.experiments.report:main", "turn a grid's results directory into the paired-CI comparison "
+                                                 "tables and plots"),
+    "certs": ("fedlora.cli:certs", "create a deployment's CA, SuperLink certificate, node keys and SuperExec secrets"),
+}
 
 
 def _read(path: str | None) -> bytes | None:
@@ -107,6 +134,11 @@ def site(args: argparse.Namespace) -> int:
                 continue
 
 
+def certs(argv: Sequence[str]) -> int:
+    """``fedlora certs``: the certificate script with ``argv`` (``--help`` for its options)."""
+    return subprocess.call(["bash", str(MAKE_CERTS), *argv])
+
+
 def register_sites(args: argparse.Namespace) -> int:
     from fedlora.deployment.registration import register_sites as register
 
@@ -116,8 +148,11 @@ def register_sites(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedlora", description="Federated LoRA fine-tuning on Flower.")
+    parser = argparse.ArgumentParser(prog="fedlora", description="Federated LoRA fine-tuning on Flower.",
+                                     epilog="`fedlora COMMAND --help` describes each command.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, summary) in DELEGATED.items():
+        commands.add_parser(name, help=summary, add_help=False)  # listed here, parsed by its own main (see main)
 
     runner = commands.add_parser("clientapp-runner", help="serve a SuperNode's ClientApp tasks in one persistent process",
                                  description="The persistent ClientApp runner of one site (attach to its SuperNode).")
@@ -155,7 +190,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def delegate(name: str, argv: Sequence[str]) -> int:
+    """Run delegated command ``name`` (see :data:`DELEGATED`) with ``argv``."""
+    module, function = DELEGATED[name][0].split(":")
+    return getattr(importlib.import_module(module), function)(list(argv))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:
+        return delegate(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "site" and not args.insecure and not (args.root_certificates and args.auth_supernode_private_key):
         print("fedlora site: give --root-certificates and --auth-supernode-private-key (or --insecure for development)",

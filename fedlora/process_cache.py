@@ -14,8 +14,6 @@ import gc
 from collections.abc import Callable
 from typing import TypeVar
 
-import torch
-
 F = TypeVar("F", bound=Callable)
 _CLEARS: list[Callable[[], None]] = []
 
@@ -40,5 +38,7 @@ def clear_process_caches() -> None:
     for clear in _CLEARS:
         clear()
     gc.collect()
+    import torch  # only a process that cached models has it loaded already; importing it here costs nothing then
+
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -50,6 +50,9 @@ TRAIN_LOSS = "train_loss"
 #: cumulative sample-level ε of the node, and the noise multiplier it used
 EPSILON = "epsilon"
 NOISE_MULTIPLIER = "noise-multiplier"
+#: the client's own time in its local training loop (seconds) and the optimizer steps it took there
+TRAIN_SECONDS = "train-seconds"
+STEPS = "steps"
 #: seconds by which a simulated straggler's reply arrives later than it did
 SIMULATED_DELAY = "simulated-delay"
 

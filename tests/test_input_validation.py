@@ -58,7 +58,7 @@ def test_label_outside_the_label_set_names_row_and_column(tmp_path):
 def test_local_dataset_file_reports_missing_values(tmp_path):
     path = jsonl(tmp_path / "data.jsonl", [{"prompt": "q", "response": "a"}, {"prompt": "q2"}])
     with pytest.raises(ValueError, match=re.escape(f"{path}: row 2, column 'response': missing value")):
-        load_task_data(DatasetConfig(name=path, task="instruction"), 0)
+        load_task_data(DatasetConfig(name=path, task="instruction"), 0).train
 
 
 def test_over_long_texts_are_truncated_to_max_length(tmp_path):

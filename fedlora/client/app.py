@@ -10,6 +10,8 @@ names come from :mod:`fedlora.protocol`, the client part from the registry.
 
 from __future__ import annotations
 
+import time
+
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -27,7 +29,7 @@ from fedlora.privacy.accounting import AccountantEntry, AccountantHistory
 from fedlora.privacy.sample_dp import dp_train_steps
 from fedlora.protocol import (
     ARRAYS, CONFIG, EPSILON, METRICS, NOISE_MULTIPLIER, NUM_EXAMPLES, PARTITION_ID, PHASE, REFUSED, SERVER_ROUND, SETUP,
-    STATUS, TRAIN_LOSS,
+    STATUS, STEPS, TRAIN_LOSS, TRAIN_SECONDS,
 )
 from fedlora.run_config import load_config
 from fedlora.strategies.registry import spec_of
@@ -106,18 +108,20 @@ def train(msg: Message, context: Context) -> Message:
     generator = torch.Generator().manual_seed(client_seed)
     amp = autocast_dtype(cfg.precision, device)
     extra: dict[str, float] = {}
+    started = time.monotonic()
     if private is None:
         loss = train_steps(model, rows, task.kind, task.pad_id, make_optimizer(params, cfg), cfg.local_steps,
                            cfg.batch_size, generator, device, amp)
+        steps = cfg.local_steps
     else:
         history, plan = private
         result = dp_train_steps(model, rows, task.kind, task.pad_id, lambda ps: make_optimizer(ps, cfg), cfg.local_steps,
                                 cfg.batch_size, plan.noise_multiplier, cfg.dp.max_grad_norm, cfg.dp.grad_sample_mode,
                                 generator, device, amp)
         extra = _account(cfg, context, run, partition_id, history, plan, result.steps)
-        loss = result.mean_loss
-    metrics = {**identity, TRAIN_LOSS: loss, **role.reply_metrics(cfg, partition_id), **extra,
-               **fault.reply_metrics(cfg.round_timeout)}
+        loss, steps = result.mean_loss, result.steps
+    metrics = {**identity, TRAIN_LOSS: loss, TRAIN_SECONDS: time.monotonic() - started, STEPS: steps,
+               **role.reply_metrics(cfg, partition_id), **extra, **fault.reply_metrics(cfg.round_timeout)}
     return _reply(msg, to_record(fault.apply(role.upload(model, incoming))), metrics)
 
 

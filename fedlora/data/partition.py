@@ -9,7 +9,6 @@ client holds whole groups — exactly one group each when there are as many clie
 from __future__ import annotations
 
 import datasets
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
 from fedlora.config import PartitionConfig
 
@@ -19,8 +18,8 @@ def natural_groups(values: list[str], num_partitions: int) -> list[list[int]]:
     distinct = sorted(set(values))
     if num_partitions > len(distinct):
         raise ValueError(
-            f"partition.kind='natural' needs at most {len(distinct)} clients (one per distinct value), "
-            f"got {num_partitions}"
+            f"partition.kind='natural' needs at most {len(distinct)} clients (one per distinct value of "
+            f"partition.column), got {num_partitions}"
         )
     owner = {value: i % num_partitions for i, value in enumerate(distinct)}
     parts: list[list[int]] = [[] for _ in range(num_partitions)]
@@ -35,8 +34,11 @@ def partition_indices(train: datasets.Dataset, cfg: PartitionConfig, num_partiti
         raise ValueError(f"num-partitions must be >= 1, got {num_partitions}")
     if cfg.kind == "natural":
         if cfg.column not in train.column_names:
-            raise ValueError(f"partition.column={cfg.column!r} is not a column; columns: {train.column_names}")
+            raise ValueError(f"config key 'partition.column' = {cfg.column!r} is invalid: expected one of the dataset's "
+                             f"columns {train.column_names}")
         return natural_groups([str(v) for v in train[cfg.column]], num_partitions)
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner  # ~2 s of imports: only when needed
+
     indexed = train.add_column("_row", list(range(len(train))))
     if cfg.kind == "iid":
         partitioner = IidPartitioner(num_partitions=num_partitions)

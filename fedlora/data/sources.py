@@ -2,25 +2,35 @@
 
 Every source is normalised to one of two schemas:
 
-* classification: ``text`` (str), ``label`` (int in ``[0, len(labels))``), ``topic`` (str)
-* instruction:    ``prompt`` (str), ``response`` (str), ``topic`` (str)
+* classification: ``text`` (str), ``label`` (int in ``[0, len(labels))``), ``topic`` (str: the label's name)
+* instruction:    ``prompt`` (str), ``response`` (str), ``topic`` (str: the file's ``topic`` column, else empty)
 
-and split once, deterministically under the run seed, into a train split (partitioned
-among clients) and a held-out split that only the server evaluates on.
+plus every other column of the user's file under its own name (so ``partition.kind=natural``
+can group by any of them), and split once, deterministically under the run seed, into a
+train split (partitioned among clients) and a held-out split that only the server evaluates on.
 
-User-supplied files (``dataset.name`` as a local file, a site's ``data-path``) are checked
-on load: an unreadable or empty file, a missing column, a missing (null) value or a label
-outside the run's label set is a ``ValueError`` naming the file, the row (data rows count
-from 1; the CSV header is not a row) and the column. Texts of any length are accepted:
-tokenization truncates every example to ``dataset.max-length`` tokens.
+The label set is ``dataset.labels`` when declared (in that order), else the sorted values of
+the label column of ``dataset.name``. With declared labels (and for instruction tasks) the
+splits of ``dataset.name`` are read on first use only, so a site or simulated client that
+trains on its own file never needs the central one.
+
+User-supplied files (``dataset.name`` as a local file, ``dataset.client-files``, a site's
+``data-path``) are checked on load: an unreadable or empty file, a missing column, a missing
+(null) value or a label outside the run's label set is a ``ValueError`` naming the file, the
+row (data rows count from 1; the CSV header is not a row) and the column. Texts of any length
+are accepted: tokenization truncates every example to ``dataset.max-length`` tokens.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
+import glob
 import random
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
@@ -29,13 +39,14 @@ datasets.disable_progress_bars()
 
 from fedlora.config import ConfigError, DatasetConfig
 from fedlora.process_cache import process_cache
-from fedlora.data import chatterbot
+from fedlora.data import chatterbot, wordnet
 
 CLASSIFICATION = "classification"
 INSTRUCTION = "instruction"
 
 #: built-in dataset name -> task kind
-BUILTIN_DATASETS = {"chatterbot-topics": CLASSIFICATION, "chatterbot-qa": INSTRUCTION}
+BUILTIN_DATASETS = {"chatterbot-topics": CLASSIFICATION, "chatterbot-qa": INSTRUCTION,
+                    wordnet.SUPERSENSES: CLASSIFICATION, wordnet.DEFINITIONS: INSTRUCTION}
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 #: topics of the classification default: those with enough examples, each capped so
 #: that no topic dominates (tech_support alone would otherwise be half the corpus).
@@ -44,14 +55,33 @@ TOPIC_MAX_EXAMPLES = 150
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
+#: (train, held-out, test); the test split is empty when ``dataset.test-fraction`` is 0
+Splits = tuple[datasets.Dataset, datasets.Dataset, datasets.Dataset]
+
+
 @dataclass(frozen=True)
 class TaskData:
-    """A task's train and held-out splits in the normalised schema."""
+    """A task's label set, and its train, held-out and test splits in the normalised schema (read on first use)."""
 
     task: str
-    train: datasets.Dataset
-    heldout: datasets.Dataset
-    labels: tuple[str, ...] = ()
+    labels: tuple[str, ...]
+    load_splits: Callable[[], Splits] = field(repr=False, compare=False)
+
+    @functools.cached_property
+    def _splits(self) -> Splits:
+        return self.load_splits()
+
+    @property
+    def train(self) -> datasets.Dataset:
+        return self._splits[0]
+
+    @property
+    def heldout(self) -> datasets.Dataset:
+        return self._splits[1]
+
+    @property
+    def test(self) -> datasets.Dataset:
+        return self._splits[2]
 
 
 def resolve_task(cfg: DatasetConfig) -> str:
@@ -73,21 +103,44 @@ def resolve_task(cfg: DatasetConfig) -> str:
 
 
 def check_dataset_name(name: str, task: str) -> None:
-    """Reject names that are neither built-in, an existing local file, nor an ``org/name`` hub id."""
+    """Reject names that are neither built-in, a local data file's path, nor an ``org/name`` hub id.
+
+    A local file need not exist in every process of a run: a site with its own data and a
+    declared label set never reads it. It is checked where it is read (:func:`load_task_data`)
+    and by the launcher's pre-flight.
+    """
     if name in BUILTIN_DATASETS:
         resolve_task(DatasetConfig(name=name, task=task))
         return
-    path = Path(name)
-    if path.suffix in LOCAL_SUFFIXES:
-        if not path.is_file():
-            raise ConfigError(f"config key 'dataset.name' = {name!r} is invalid: no such file")
-    elif not _HUB_ID.match(name):
+    if Path(name).suffix not in LOCAL_SUFFIXES and not _HUB_ID.match(name):
+        close = difflib.get_close_matches(name, list(BUILTIN_DATASETS), n=1, cutoff=0.7)
         raise ConfigError(
             f"config key 'dataset.name' = {name!r} is invalid: expected one of "
             f"{', '.join(map(repr, BUILTIN_DATASETS))}, a local .jsonl/.json/.csv/.parquet file, "
-            "or a Hugging Face hub id 'org/name'"
+            "or a Hugging Face hub id 'org/name'" + (f"; did you mean {close[0]!r}?" if close else "")
         )
     resolve_task(DatasetConfig(name=name, task=task))
+
+
+def is_hub_dataset(name: str) -> bool:
+    """Whether ``dataset.name`` names a hub dataset (neither built-in nor a local file)."""
+    return name not in BUILTIN_DATASETS and Path(name).suffix not in LOCAL_SUFFIXES
+
+
+def client_files(cfg: DatasetConfig) -> list[Path]:
+    """The data files of ``dataset.client-files`` (a directory or a glob pattern), sorted: client p reads the p-th."""
+    pattern = Path(cfg.client_files).expanduser()
+    found = pattern.iterdir() if pattern.is_dir() else map(Path, glob.glob(str(pattern)))
+    return sorted(f for f in found if f.suffix in LOCAL_SUFFIXES and f.is_file())
+
+
+def client_file(cfg: DatasetConfig, partition_id: int, num_partitions: int) -> Path:
+    """Simulated client ``partition_id``'s own file; the pattern must match one file per client."""
+    files = client_files(cfg)
+    if len(files) != num_partitions:
+        raise ValueError(f"dataset.client-files = {cfg.client_files!r} matches {len(files)} "
+                         f"{'/'.join(LOCAL_SUFFIXES)} file(s); the run has {num_partitions} clients, one file each")
+    return files[partition_id]
 
 
 def _topics_dataset() -> tuple[datasets.Dataset, tuple[str, ...]]:
@@ -123,8 +176,10 @@ def read_local_file(file: Path) -> datasets.Dataset:
 
 
 def _load_external(cfg: DatasetConfig) -> datasets.Dataset:
-    path = Path(cfg.name)
+    path = Path(cfg.name).expanduser()
     if path.suffix in LOCAL_SUFFIXES:
+        if not path.is_file():
+            raise ValueError(f"config key 'dataset.name' = {cfg.name!r} is invalid: no such file")
         return read_local_file(path)
     return datasets.load_dataset(cfg.name, split=cfg.split)
 
@@ -137,7 +192,18 @@ def _check_values(raw: datasets.Dataset, columns: tuple[str, ...], name: str) ->
             raise ValueError(f"{name}: row {empty + 1}, column {column!r}: missing value")
 
 
-def _normalise_external(raw: datasets.Dataset, cfg: DatasetConfig, task: str) -> tuple[datasets.Dataset, tuple[str, ...]]:
+def _label_names(raw: datasets.Dataset, column: str) -> list[str]:
+    """Every row's label as a name: a ClassLabel's names, else the value as text."""
+    feature = raw.features[column]
+    if isinstance(feature, datasets.ClassLabel):
+        return [feature.names[i] for i in raw[column]]
+    return [str(v) for v in raw[column]]
+
+
+def _normalise_external(raw: datasets.Dataset, cfg: DatasetConfig, task: str,
+                        labels: tuple[str, ...] = ()) -> tuple[datasets.Dataset, tuple[str, ...]]:
+    """The normalised columns, then every other column of ``raw``; classification labels mapped onto ``labels``
+    (default: the file's ClassLabel names, else its sorted label values); a label outside them is a ValueError."""
     wanted = (cfg.text_column, cfg.label_column) if task == CLASSIFICATION else (cfg.prompt_column, cfg.response_column)
     missing = [c for c in wanted if c not in raw.column_names]
     if missing:
@@ -145,65 +211,85 @@ def _normalise_external(raw: datasets.Dataset, cfg: DatasetConfig, task: str) ->
     if len(raw) == 0:
         raise ValueError(f"{cfg.name}: the dataset has no rows")
     _check_values(raw, wanted, cfg.name)
-    topic = raw[cfg.label_column] if task == CLASSIFICATION else [""] * len(raw)
     if task == INSTRUCTION:
-        data = {"prompt": [str(x) for x in raw[cfg.prompt_column]], "response": [str(x) for x in raw[cfg.response_column]]}
-        return datasets.Dataset.from_dict({**data, "topic": topic}), ()
-    feature = raw.features[cfg.label_column]
-    if isinstance(feature, datasets.ClassLabel):
-        labels = tuple(feature.names)
-        ids = list(raw[cfg.label_column])
+        topic = [str(t) for t in raw["topic"]] if "topic" in raw.column_names else [""] * len(raw)
+        normalised = {"prompt": [str(x) for x in raw[cfg.prompt_column]],
+                      "response": [str(x) for x in raw[cfg.response_column]], "topic": topic}
     else:
-        labels = tuple(sorted({str(v) for v in raw[cfg.label_column]}))
+        names = _label_names(raw, cfg.label_column)
+        feature = raw.features[cfg.label_column]
+        labels = labels or (tuple(feature.names) if isinstance(feature, datasets.ClassLabel) else tuple(sorted(set(names))))
         index = {name: i for i, name in enumerate(labels)}
-        ids = [index[str(v)] for v in raw[cfg.label_column]]
-    texts = [str(x) for x in raw[cfg.text_column]]
-    return datasets.Dataset.from_dict({"text": texts, "label": ids, "topic": [labels[i] for i in ids]}), labels
+        unknown = [(row, name) for row, name in enumerate(names) if name not in index]
+        if unknown:
+            row, label = unknown[0]
+            raise ValueError(f"{cfg.name}: row {row + 1}, column {cfg.label_column!r}: label {label!r} is outside the "
+                             f"run's label set {list(labels)} ({len(unknown)} row(s) affected)")
+        normalised = {"text": [str(x) for x in raw[cfg.text_column]], "label": [index[n] for n in names], "topic": names}
+    data = datasets.Dataset.from_dict(normalised)
+    extra = [c for c in raw.column_names if c not in normalised]
+    if extra:
+        data = datasets.concatenate_datasets([data, raw.select_columns(extra)], axis=1)
+    return data, labels
 
 
 def load_site_data(cfg: DatasetConfig, path: str, task: str, labels: tuple[str, ...]) -> datasets.Dataset:
-    """A site's own data file in the normalised schema, labels mapped onto the run's ``labels``."""
+    """A site's (or a simulated client's) own data file in the normalised schema, labels mapped onto ``labels``."""
     file = Path(path)
     if file.suffix not in LOCAL_SUFFIXES:
         raise ValueError(f"data-path {path!r}: expected a {', '.join(LOCAL_SUFFIXES)} file")
     if not file.is_file():
         raise ValueError(f"data-path {path!r}: no such file")
-    raw = read_local_file(file)
-    site_cfg = dataclasses.replace(cfg, name=str(file))
-    if task == INSTRUCTION:
-        return _normalise_external(raw, site_cfg, task)[0]
-    if cfg.label_column in raw.column_names:  # site labels are names; a missing column is reported below
-        raw = raw.cast_column(cfg.label_column, datasets.Value("string"))
-    data, _ = _normalise_external(raw, site_cfg, task)
-    index = {name: i for i, name in enumerate(labels)}
-    unknown = [(i, t) for i, t in enumerate(data["topic"]) if t not in index]
-    if unknown:
-        row, label = unknown[0]
-        raise ValueError(f"{file}: row {row + 1}, column {cfg.label_column!r}: label {label!r} is outside the run's label set "
-                         f"{list(labels)} ({len(unknown)} row(s) affected)")
-    return data.map(lambda row: {"label": index[row["topic"]]})
+    return _normalise_external(read_local_file(file), dataclasses.replace(cfg, name=str(file)), task, labels)[0]
 
 
-@process_cache(maxsize=4)
-def load_task_data(cfg: DatasetConfig, seed: int) -> TaskData:
-    """Load, normalise and split the configured dataset (cached per process).
-
-    The held-out split is ``cfg.eval_fraction`` of the examples, stratified by label for
-    classification, chosen with ``seed``; no client ever trains on it.
-    """
-    task = resolve_task(cfg)
+def _full_dataset(cfg: DatasetConfig, task: str) -> tuple[datasets.Dataset, tuple[str, ...]]:
+    """All rows of ``dataset.name`` in the normalised schema, and its label set (``dataset.labels`` when declared)."""
     if cfg.name == "chatterbot-topics":
         full, labels = _topics_dataset()
     elif cfg.name == "chatterbot-qa":
         full, labels = datasets.Dataset.from_list(chatterbot.load_pairs()), ()
+    elif cfg.name in (wordnet.SUPERSENSES, wordnet.DEFINITIONS):
+        full, labels = wordnet.load_wordnet(cfg.name)
     else:
-        full, labels = _normalise_external(_load_external(cfg), cfg, task)
+        return _normalise_external(_load_external(cfg), cfg, task, cfg.label_names if task == CLASSIFICATION else ())
+    if task == CLASSIFICATION and cfg.label_names and cfg.label_names != labels:
+        raise ValueError(f"dataset.labels = {cfg.labels!r} differs from the labels of {cfg.name!r}: {list(labels)}")
+    return full, labels
+
+
+def _split(full: datasets.Dataset, labels: tuple[str, ...], cfg: DatasetConfig, seed: int, task: str) -> Splits:
+    """(train, held-out, test): first ``cfg.test_fraction`` as the test split, chosen with ``cfg.split_seed`` (the
+    same for every run seed), then ``cfg.eval_fraction`` of the rest held out, chosen with ``seed``; stratified by
+    label for classification."""
     stratify = None
     if task == CLASSIFICATION:
         full = full.cast_column("label", datasets.ClassLabel(names=list(labels)))
         stratify = "label"
+    test = full.select([])
+    if cfg.test_fraction > 0:
+        first = full.train_test_split(test_size=cfg.test_fraction, seed=cfg.split_seed, stratify_by_column=stratify)
+        full, test = first["train"], first["test"]
     split = full.train_test_split(test_size=cfg.eval_fraction, seed=seed, stratify_by_column=stratify)
     heldout = split["test"]
     if cfg.eval_max_examples and len(heldout) > cfg.eval_max_examples:
         heldout = heldout.select(range(cfg.eval_max_examples))
-    return TaskData(task=task, train=split["train"], heldout=heldout, labels=labels)
+    return split["train"], heldout, test
+
+
+@process_cache(maxsize=4)
+def load_task_data(cfg: DatasetConfig, seed: int) -> TaskData:
+    """The configured dataset's task, label set and splits (cached per process).
+
+    The held-out split is ``cfg.eval_fraction`` of the examples, stratified by label for
+    classification, chosen with ``seed``; no client ever trains on it. With ``cfg.test_fraction`` > 0
+    a test split is drawn first, with ``cfg.split_seed`` (the same for every run seed). When the label set is
+    known without reading the data (declared ``dataset.labels``, or an instruction task), the
+    data are read when a split is first used.
+    """
+    task = resolve_task(cfg)
+    if task == INSTRUCTION or cfg.label_names:
+        return TaskData(task, cfg.label_names if task == CLASSIFICATION else (),
+                        lambda: _split(*_full_dataset(cfg, task), cfg, seed, task))
+    full, labels = _full_dataset(cfg, task)
+    return TaskData(task, labels, lambda: _split(full, labels, cfg, seed, task))

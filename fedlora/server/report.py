@@ -1,4 +1,12 @@
-"""Per-round progress lines, the metrics sink, and the end-of-run table and summary."""
+"""Per-round console lines, the metrics sink (metrics.jsonl and the ``report-to`` trackers), the end table and summary.
+
+After every round the console gets one line of numbers, then one line for each client left out
+of the round (rejected, refused, late or without a reply: its node, partition and the reason)
+and why a round was skipped (bounded updates are recorded in metrics.jsonl only)::
+
+    [fedlora] round 2/5 eval_accuracy=0.6410 eval_loss=1.0312 train_loss=1.1870 clients=3/4 up=…B down=…B
+    [fedlora] round 2: left out node 7 (partition 3): no reply within round-timeout = 600 s (raise round-timeout …)
+"""
 
 from __future__ import annotations
 
@@ -7,17 +15,45 @@ from typing import Any
 
 from fedlora.config import RunConfig
 from fedlora.server.rundir import RunDirectory
+from fedlora.server.tracking import Tracker, numeric, open_trackers
 
 
-def headline_metric(task: str) -> tuple[str, bool]:
-    """The eval metric that summarises a run, and whether higher is better."""
-    return ("eval_accuracy", True) if task == "classification" else ("eval_perplexity", False)
+def headline_metric(task: str, where: str = "server") -> tuple[str, bool]:
+    """The eval metric that summarises a run, and whether higher is better: the server's held-out one, or the
+    clients' (``client_eval_*``) when they evaluate (``evaluation.where = clients``)."""
+    metric, higher = ("eval_accuracy", True) if task == "classification" else ("eval_perplexity", False)
+    return (f"client_{metric}" if where == "clients" else metric), higher
 
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4f}" if abs(value) < 1e5 else f"{value:.3e}"
     return "-" if value is None else str(value)
+
+
+def _clients(record: dict[str, Any]) -> str:
+    """``aggregated/sampled`` clients of a training round (``-`` for round 0)."""
+    if "num_clients" not in record:
+        return "-"
+    sampled = record.get("num_sampled")
+    return f"{int(record['num_clients'])}" + (f"/{int(sampled)}" if sampled is not None else "")
+
+
+def round_line(record: dict[str, Any], rounds: int, metric: str, private: bool) -> str:
+    """The one console line of numbers of a round."""
+    return (f"[fedlora] round {record['round']}/{rounds} {metric}={_fmt(record.get(metric))} "
+            f"eval_loss={_fmt(record.get('eval_loss'))} train_loss={_fmt(record.get('train_loss'))} "
+            f"clients={_clients(record)} up={int(record.get('bytes_up', 0))}B down={int(record.get('bytes_down', 0))}B"
+            + (f" ε={_fmt(record.get('epsilon_max', record.get('epsilon')))}" if private else ""))
+
+
+def incident_lines(record: dict[str, Any]) -> list[str]:
+    """One console line per client left out of the round, and one for a skipped round."""
+    prefix = f"[fedlora] round {record['round']}"
+    lines = [f"{prefix}: left out {reason}" for reason in record.get("rejected", [])]
+    if "skipped" in record:
+        lines.append(f"{prefix} skipped ({record['skipped']}): the global adapter is unchanged")
+    return lines
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -29,29 +65,32 @@ def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 
 class RoundReporter:
-    """Receives every round's metrics: prints one line, appends to metrics.jsonl."""
+    """Receives every round's metrics: prints its lines, appends to metrics.jsonl, logs to the ``report-to``
+    trackers (closed after the last round)."""
 
     def __init__(self, run_dir: RunDirectory, cfg: RunConfig, task: str,
                  previous: list[dict[str, Any]] | None = None) -> None:
         """``previous``: the records already in metrics.jsonl when a run is resumed."""
         self.run_dir = run_dir
         self.cfg = cfg
-        self.metric, self.higher_is_better = headline_metric(task)
+        self.metric, self.higher_is_better = headline_metric(task, cfg.evaluation.where)
         self.records: list[dict[str, Any]] = list(previous or [])
         self.started = time.monotonic()
+        self.trackers: list[Tracker] = open_trackers(run_dir.path, cfg)
 
     def on_round(self, server_round: int, metrics: dict[str, Any]) -> None:
         record = {"round": server_round, "strategy": self.cfg.strategy, "train_loss": None, **metrics}
         self.records.append(record)
         self.run_dir.append_metrics(record)
-        print(
-            f"[fedlora] round {server_round}/{self.cfg.num_server_rounds} "
-            f"{self.metric}={_fmt(record.get(self.metric))} eval_loss={_fmt(record.get('eval_loss'))} "
-            f"train_loss={_fmt(record.get('train_loss'))} clients={_fmt(record.get('num_clients'))} "
-            f"up={int(record.get('bytes_up', 0))}B down={int(record.get('bytes_down', 0))}B"
-            + (f" ε={_fmt(record.get('epsilon_max', record.get('epsilon')))}" if self.cfg.dp.mode != "none" else ""),
-            flush=True,
-        )
+        for line in [round_line(record, self.cfg.num_server_rounds, self.metric, self.cfg.dp.mode != "none"),
+                     *incident_lines(record)]:
+            print(line, flush=True)
+        for tracker in self.trackers:
+            tracker.log(server_round, numeric(record))
+        if server_round == self.cfg.num_server_rounds:
+            for tracker in self.trackers:
+                tracker.close()
+            self.trackers = []
 
     def summary(self) -> dict[str, Any]:
         values = [(r["round"], r.get(self.metric)) for r in self.records if r.get(self.metric) is not None]

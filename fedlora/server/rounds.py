@@ -39,6 +39,7 @@ from fedlora.protocol import (
 from fedlora.adapters.state import AdapterState
 from fedlora.server.checkpoint import Checkpoint, write_checkpoint
 from fedlora.server.influence import capped_shares, norm_ratios, scaled_update
+from fedlora.server.progress import PROGRESS_SECONDS, ReplyProgress, error_reason, exchange_label
 from fedlora.server.report import RoundReporter
 from fedlora.server.round import ClientUpdate, Round
 from fedlora.server.strategy import ServerStrategy
@@ -108,9 +109,16 @@ class RoundLoop:
 
     # ----- one exchange ------------------------------------------------------------------
     def sample(self, grid: Grid, fraction: float) -> list[int]:
-        """``fraction`` of the connected nodes (at least one), waiting up to round-timeout for any to connect."""
-        deadline = time.monotonic() + self.cfg.round_timeout
+        """``fraction`` of the connected nodes (at least one), waiting up to round-timeout for any to connect
+        (saying so on the console every :data:`~fedlora.server.progress.PROGRESS_SECONDS`)."""
+        started = time.monotonic()
+        deadline = started + self.cfg.round_timeout
+        said = started
         while not (nodes := sorted(grid.get_node_ids())) and time.monotonic() < deadline:
+            if time.monotonic() - said >= PROGRESS_SECONDS:
+                said = time.monotonic()
+                print(f"[fedlora] no client connected after {said - started:.0f} s; waiting up to round-timeout = "
+                      f"{self.cfg.round_timeout:g} s", flush=True)
             time.sleep(1)
         if not nodes:
             return []
@@ -141,19 +149,26 @@ class RoundLoop:
         return sent, replies
 
     def exchange(self, grid: Grid, messages: list[Message]) -> list[Message]:
-        """Push ``messages`` and pull their replies every :data:`REPLY_POLL_SECONDS` until all came or round-timeout."""
+        """Push ``messages`` and pull their replies every :data:`REPLY_POLL_SECONDS` until all came or round-timeout;
+        each reply, and who is still out, goes to the console as it happens (:mod:`fedlora.server.progress`)."""
         if not messages:
             return []
         pending = dict.fromkeys(grid.push_messages(messages))  # an ordered set: pulls in push order
-        deadline = time.monotonic() + self.cfg.round_timeout
+        started = time.monotonic()
+        deadline = started + self.cfg.round_timeout
+        progress = ReplyProgress(exchange_label(messages[0]), {m.metadata.message_id: m.metadata.dst_node_id
+                                                               for m in messages}, started, self.cfg.round_timeout,
+                                 self.cfg.local_steps)
         replies: list[Message] = []
         while pending:
             arrived = list(grid.pull_messages(list(pending)))
             replies += arrived
             for reply in arrived:
                 pending.pop(reply.metadata.reply_to_message_id, None)
+                progress.replied(reply, time.monotonic())
             if not pending or time.monotonic() >= deadline:
                 break
+            progress.waiting(time.monotonic())
             time.sleep(REPLY_POLL_SECONDS)
         return replies
 
@@ -189,7 +204,7 @@ class RoundLoop:
         for reply in replies:
             node = sent.node_of(reply)
             if reply.has_error():
-                sent.rejected.append(f"node {node}: {reply.error.reason}")
+                sent.rejected.append(f"node {node}: {error_reason(reply.error.reason)}")
                 continue
             if STATUS in reply.content.config_records and REFUSED in reply.content[STATUS]:
                 sent.rejected.append(f"node {node} refused: {reply.content[STATUS][REFUSED]}")
@@ -211,7 +226,8 @@ class RoundLoop:
             sent.updates.append(update)
         sent.updates.sort(key=lambda u: (u.partition_id, u.node_id))  # fixed summation order: reproducible
         answered = {sent.node_of(r) for r in replies}
-        sent.rejected += [f"node {n}: no reply within round-timeout = {self.cfg.round_timeout:g} s"
+        sent.rejected += [f"node {n}: no reply within round-timeout = {self.cfg.round_timeout:g} s (raise "
+                          f"round-timeout to wait longer for slow clients)"
                           for n in sorted(set(sent.destinations.values()) - answered)]
         return sent
 

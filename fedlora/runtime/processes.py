@@ -1,0 +1,93 @@
+"""Find and stop every process a launch started, however it was started.
+
+Flower's local SuperLink detaches itself, ``flwr-simulation`` is its child, and Ray daemonises
+its GCS server, raylet and workers: none of them stays in the launcher's process group. What
+they all keep is their environment. The launcher gives its children one marker variable
+(:data:`MARKER`, a random value per launch); every descendant inherits it, so
+:func:`marked_processes` finds them by scanning ``/proc/<pid>/environ`` and
+:func:`stop_marked` stops them (SIGTERM, then SIGKILL after a grace period).
+
+:func:`interruptible` turns SIGTERM and SIGINT into :class:`Interrupted`, so the launcher's
+``finally`` blocks run and clean up before it exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+#: environment variable every process of one launch inherits
+MARKER = "FEDLORA_LAUNCH_ID"
+
+
+class Interrupted(Exception):
+    """The launcher received SIGTERM or SIGINT."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def marked_processes(name: str, value: str) -> list[int]:
+    """Live processes (other than this one) whose environment holds ``name=value``."""
+    needle = f"{name}={value}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if needle in environ and _alive(int(entry.name)):
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+def stop_marked(name: str, value: str, grace: float = 10.0, sweeps: int = 3) -> None:
+    """Stop every process marked ``name=value``: SIGTERM, up to ``grace`` seconds, then SIGKILL.
+
+    Repeated up to ``sweeps`` times, since a process may start another one while it stops (Ray).
+    """
+    for _ in range(sweeps):
+        pids = marked_processes(name, value)
+        if not pids:
+            return
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, sig)
+            deadline = time.monotonic() + grace
+            while (pids := [p for p in pids if _alive(p)]) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if not pids:
+                break
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """Within the block, SIGTERM and SIGINT raise :class:`Interrupted` (main thread only); handlers restored after."""
+    def interrupt(signum: int, _frame: object) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal must not interrupt the clean-up
+            signal.signal(sig, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
