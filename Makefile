@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fedlora-installed
 RUN_ARGS ?=
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test bench experiments-setup clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,12 @@ test: $(STAMP)
 # Every benchmark suite (see benchmarks/README.md); not part of CI.
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m benchmarks all
+
+# The comparison suite's offline data (experiments/README.md): Debian's WordNet 3.0 database for the
+# wordnet-supersenses / wordnet-definitions datasets. Not part of run, test or CI; apt needs root.
+SUDO ?= $(if $(filter 0,$(shell id -u)),,sudo)
+experiments-setup: $(STAMP)
+	$(SUDO) apt-get install -y --no-install-recommends wordnet-base
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

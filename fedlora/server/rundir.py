@@ -2,21 +2,28 @@
 
     <output-dir>/config.json      the full resolved config (flat dotted keys)
     <output-dir>/metrics.jsonl    one JSON object per round (round 0 = before training)
-    <output-dir>/summary.json     final metrics, best round, totals, wall time
+    <output-dir>/summary.json     final metrics, best round, totals, wall time, and the code version
+                                  (:func:`code_version`) and library versions of the process that wrote it
     <output-dir>/final_adapter/   loadable with peft.PeftModel.from_pretrained(base, path)
     <output-dir>/checkpoint.safetensors   the server state after the last complete round
                                   (see fedlora.server.checkpoint; ``resume-from`` continues from it)
 
 A relative ``output-dir`` resolves against the project directory: ``$FEDLORA_PROJECT_DIR``
 when set (``make run`` sets it), else the directory the ServerApp process runs in.
+
+The code version keys experiment cells (:mod:`fedlora.experiments.cells`): a result is reused
+only by the code that produced it. It is taken when the process imports this module; a run
+resumed with ``resume-from`` records the version of the process that finished it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import time
+from importlib.metadata import PackageNotFoundError, version
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +33,37 @@ from fedlora.config import ConfigError, RunConfig
 from fedlora.server.checkpoint import CHECKPOINT_FILE, CheckpointError
 
 PROJECT_DIR_ENV = "FEDLORA_PROJECT_DIR"
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+#: folders of the package that only analyse results (they never change one): left out of the code version
+ANALYSIS_ONLY = ("experiments/report",)
+#: libraries whose versions every summary records beside the code version
+LIBRARIES = ("torch", "transformers", "peft", "opacus", "flwr", "numpy")
+
+
+def code_version(root: Path = PACKAGE_ROOT) -> str:
+    """A fingerprint of the fedlora sources under ``root``: the first 16 hex digits of the SHA-256 over every
+    ``*.py`` file's relative path and bytes, in path order, except the :data:`ANALYSIS_ONLY` folders."""
+    digest = hashlib.sha256()
+    for file in sorted(root.rglob("*.py")):
+        relative = file.relative_to(root).as_posix()
+        if any(relative.startswith(folder + "/") for folder in ANALYSIS_ONLY):
+            continue
+        digest.update(relative.encode() + b"\0" + file.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+#: the code version of this process, taken when it first imports this module (before it can run anything)
+RUNNING_CODE_VERSION = code_version()
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of :data:`LIBRARIES` (``"absent"`` for one that is not installed)."""
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "absent"
+    return {name: installed(name) for name in LIBRARIES}
 
 
 def resolve_output_dir(cfg: RunConfig, now: float | None = None) -> Path:
@@ -116,6 +154,8 @@ class RunDirectory:
         return [json.loads(line) for line in lines if line.strip()]
 
     def write_summary(self, summary: dict[str, Any]) -> None:
+        """Write summary.json atomically, stamped with this process's code version and library versions."""
+        stamped = {**summary, "code_version": RUNNING_CODE_VERSION, "libraries": library_versions()}
         tmp = self.path / "summary.json.tmp"
-        tmp.write_text(json.dumps({k: _jsonable(v) for k, v in summary.items()}, indent=2) + "\n")
+        tmp.write_text(json.dumps({k: _jsonable(v) for k, v in stamped.items()}, indent=2) + "\n")
         tmp.replace(self.path / "summary.json")

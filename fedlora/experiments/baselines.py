@@ -1,18 +1,20 @@
-"""Reference points for a sweep, written in the fedlora run-directory format.
+"""Reference points for a study, written in the fedlora run-directory format.
 
 * ``centralized`` (upper bound): one LoRA model trained on the union of all clients'
   partitions for ``num-server-rounds × local-steps`` steps — the steps each client takes in a
   federated run — of batch ``batch-size × num-clients``, so it sees as many training examples
-  as the whole federation; evaluated on the held-out split every ``local-steps`` steps.
+  as the whole federation; evaluated on the validation split every ``local-steps`` steps.
 * ``local-only`` (lower bound): every client trains its own LoRA model on its own partition
   only, for the same ``num-server-rounds × local-steps`` steps; each is evaluated on the
-  held-out split every ``local-steps`` steps, and each round's record is the mean over clients.
+  validation split every ``local-steps`` steps, and each round's record is the mean over clients.
 
 Both start from exactly the adapter a federated run starts from (``server_model``: LoRA A
-from the run seed, B = 0, the fixed classification head), train with the run's optimizer,
-batch size and learning rate (one optimizer over the whole run), use the same training loop
-and evaluation as fedlora's clients and server, and communicate nothing (0 bytes). They are
-non-private reference points.
+and the head from the run seed, B = 0), train with the run's optimizer, batch size and
+learning rate (one optimizer over the whole run), use the same training loop and evaluation
+as fedlora's clients and server, communicate nothing (0 bytes) and are non-private. With a
+test split, the final model is scored on it once (local-only: the mean over the clients'
+models, example by example), as a federated run's is (:mod:`fedlora.server.testset`). The
+majority-class baseline needs no run: the report takes it from ``test_predictions.npz``.
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ from fedlora.client.loop import make_optimizer, train_steps
 from fedlora.config import RunConfig
 from fedlora.device import autocast_dtype, pick_device
 from fedlora.evaluation import evaluate_rows
+from fedlora.experiments.cells import centralized_batch_size
 from fedlora.server.report import headline_metric
 from fedlora.server.rundir import RunDirectory
+from fedlora.server.testset import ExampleOutputs, outputs_on_test_split, record_test_scores, scores_test_split
 from fedlora.task import heldout_rows, load_task, partition_rows, server_model
 
 EVAL_BATCH = 64
@@ -39,8 +43,9 @@ Record = dict[str, Any]
 
 
 def train_and_track(cfg: RunConfig, rows: list[dict], batch_size: int, seed: int,
-                    on_round: Callable[[int, Record], None]) -> None:
-    """Train a fresh adapted model on ``rows`` for ``rounds × local-steps`` steps, reporting each round."""
+                    on_round: Callable[[int, Record], None]) -> ExampleOutputs | None:
+    """Train a fresh adapted model on ``rows`` for ``rounds × local-steps`` steps, reporting each round;
+    return its results on the test split (None when the run scores none)."""
     task = load_task(cfg)
     device = pick_device(cfg.device)
     amp = autocast_dtype(cfg.precision, device)
@@ -55,30 +60,30 @@ def train_and_track(cfg: RunConfig, rows: list[dict], batch_size: int, seed: int
                            generator, device, amp)
         on_round(server_round, {"train_loss": loss,
                                 **evaluate_rows(model, heldout, task.kind, task.pad_id, EVAL_BATCH, device, amp)})
+    return outputs_on_test_split(cfg, model, device, amp) if scores_test_split(cfg) else None
 
 
-def centralized_batch_size(batch_size: int, num_clients: int) -> int:
-    """Centralized batch: as many examples per step as all clients together take per local step."""
-    return batch_size * num_clients
-
-
-def centralized_records(cfg: RunConfig, num_clients: int) -> list[Record]:
-    """Per-round records of centralized LoRA on the pooled partitions (batch ``batch-size × num_clients``)."""
+def centralized_records(cfg: RunConfig, num_clients: int) -> tuple[list[Record], list[ExampleOutputs]]:
+    """Per-round records of centralized LoRA on the pooled partitions (batch ``batch-size × num_clients``),
+    and its test results."""
     pooled = [row for pid in range(num_clients) for row in partition_rows(cfg, pid, num_clients)]
     records: list[Record] = []
-    train_and_track(cfg, pooled, centralized_batch_size(cfg.batch_size, num_clients), cfg.seed * 1_000_003 + 7,
-                    lambda r, m: records.append({"round": r, **m}))
-    return records
+    outputs = train_and_track(cfg, pooled, centralized_batch_size(cfg.batch_size, num_clients),
+                              cfg.seed * 1_000_003 + 7, lambda r, m: records.append({"round": r, **m}))
+    return records, [outputs] if outputs is not None else []
 
 
-def local_only_records(cfg: RunConfig, num_clients: int) -> list[Record]:
-    """Per-round records of local-only training, metrics averaged over clients (per-client values kept)."""
+def local_only_records(cfg: RunConfig, num_clients: int) -> tuple[list[Record], list[ExampleOutputs]]:
+    """Per-round records of local-only training, metrics averaged over clients (per-client values kept),
+    and every client model's test results."""
     per_client: list[list[Record]] = []
+    outputs: list[ExampleOutputs] = []
     for pid in range(num_clients):
         records: list[Record] = []
-        train_and_track(cfg, partition_rows(cfg, pid, num_clients), cfg.batch_size, cfg.seed * 1_000_003 + 11 + pid,
-                        lambda r, m: records.append(m))
+        tested = train_and_track(cfg, partition_rows(cfg, pid, num_clients), cfg.batch_size,
+                                 cfg.seed * 1_000_003 + 11 + pid, lambda r, m: records.append(m))
         per_client.append(records)
+        outputs += [tested] if tested is not None else []
     averaged = []
     for server_round in range(cfg.num_server_rounds + 1):
         at_round = [client[server_round] for client in per_client]
@@ -89,7 +94,7 @@ def local_only_records(cfg: RunConfig, num_clients: int) -> list[Record]:
             if key.startswith("eval_"):
                 record[f"client_{key}"] = [m[key] for m in at_round]
         averaged.append(record)
-    return averaged
+    return averaged, outputs
 
 
 def run_baseline(kind: str, cfg: RunConfig, num_clients: int, out: Path, config: dict[str, Any],
@@ -102,7 +107,7 @@ def run_baseline(kind: str, cfg: RunConfig, num_clients: int, out: Path, config:
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     run_dir = RunDirectory(out)
     metric, higher_is_better = headline_metric(load_task(cfg).kind)
-    records = (centralized_records if kind == "centralized" else local_only_records)(cfg, num_clients)
+    records, outputs = (centralized_records if kind == "centralized" else local_only_records)(cfg, num_clients)
     for record in records:
         record.update({"strategy": kind, "bytes_up": 0, "bytes_down": 0,
                        "num_clients": 1 if kind == "centralized" else num_clients})
@@ -116,6 +121,7 @@ def run_baseline(kind: str, cfg: RunConfig, num_clients: int, out: Path, config:
         "initial": records[0][metric], "final": records[-1][metric], "best": best[metric], "best_round": best["round"],
         "final_eval_loss": records[-1]["eval_loss"], "total_bytes_up": 0, "total_bytes_down": 0,
         "final_epsilon": None, "wall_seconds": time.monotonic() - started, "run_dir": str(out),
+        **(record_test_scores(cfg, outputs, out) if outputs else {}),
     }
     run_dir.write_summary(summary)
     return summary

@@ -1,0 +1,80 @@
+"""Where a cell lives, the config it must hold, and whether its result may be used.
+
+Cell ``c`` of a grid whose output is ``<out>`` lives in
+``<out>/runs/[<study>/][lr-sweep/]<method>__<partition>__<privacy>__s<seed>[__lr<lr>]/`` (no study
+folder for a single-study grid of the older form). Besides the fedlora run directory
+(``config.json``, ``metrics.jsonl``, ``summary.json``, ``test_predictions.npz``) it holds
+``cell.json``: the cell's coordinates in the grid and, for a main cell, how its lr was chosen.
+
+A cell's status:
+
+* ``finished`` — ``summary.json`` exists, ``config.json`` equals the config the grid asks for
+  now, and the summary's ``code_version`` is the running code's
+  (:data:`fedlora.server.rundir.RUNNING_CODE_VERSION`);
+* ``stale`` — the same, but produced by other code (or by code that recorded no version): it is
+  rerun, unless the user asks to reuse stale cells, and then every table marks it;
+* ``missing`` — anything else (never run, interrupted, or another config): it is (re)run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from fedlora.experiments.grid import Cell
+from fedlora.run_config import full_defaults, load_config
+from fedlora.server.rundir import RUNNING_CODE_VERSION
+
+CELL_FILE = "cell.json"
+FINISHED, STALE, MISSING = "finished", "stale", "missing"
+
+
+def run_dir_of(out: Path, cell: Cell) -> Path:
+    """The run directory of ``cell`` under the grid output ``out``."""
+    folder = out / "runs"
+    if cell.study:
+        folder = folder / cell.study
+    if cell.is_sweep:
+        folder = folder / "lr-sweep"
+    return folder / cell.name
+
+
+def centralized_batch_size(batch_size: int, num_clients: int) -> int:
+    """Centralized batch: as many examples per step as all clients together take per local step."""
+    return batch_size * num_clients
+
+
+def expected_config(cell: Cell, overrides: dict[str, Any], num_clients: int) -> dict[str, Any]:
+    """The flat config ``config.json`` must hold for this cell, run with ``overrides`` (its grid overrides and
+    ``output-dir``) among ``num_clients`` clients; baselines add their own keys."""
+    flat = load_config({**full_defaults(), **overrides}).to_flat()
+    if cell.is_baseline:
+        flat["baseline"] = cell.method
+        flat["num-clients"] = num_clients
+    if cell.method == "centralized":
+        flat["centralized-batch-size"] = centralized_batch_size(flat["batch-size"], num_clients)
+    return json.loads(json.dumps(flat))
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def cell_status(run_dir: Path, config: dict[str, Any]) -> str:
+    """``finished``, ``stale`` or ``missing`` (see the module docstring)."""
+    summary = _read_json(run_dir / "summary.json")
+    if summary is None or _read_json(run_dir / "config.json") != config:
+        return MISSING
+    return FINISHED if summary.get("code_version") == RUNNING_CODE_VERSION else STALE
+
+
+def write_cell_file(run_dir: Path, cell: Cell, extra: dict[str, Any]) -> None:
+    """``cell.json``: the cell's coordinates, its role and ``extra`` (the lr choice, the variant's rank)."""
+    role = "sweep" if cell.is_sweep else "baseline" if cell.is_baseline else "main"
+    record = {"study": cell.study, "method": cell.method, "partition": cell.partition, "privacy": cell.privacy,
+              "seed": cell.seed, "lr": cell.lr, "role": role, **extra}
+    (run_dir / CELL_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,94 @@
+"""``fedlora grid GRID.toml --out DIR``: run a grid's cells, then write its report.
+
+Checks that every study's dataset can be read (a missing package is one line with its install
+command), runs every cell that is not finished with this config and this code version
+(:mod:`~fedlora.experiments.sweep`; ``--launcher inprocess``, the default, or ``flwr`` for real
+``flwr run`` simulations; ``--workers N`` runs N cells at a time), then writes into ``DIR``: ``grid.toml`` (a copy of the grid) and the
+report of ``fedlora report DIR`` (:mod:`fedlora.experiments.report`). ``--status`` lists every
+cell's status without running anything; ``--report-only`` only rebuilds the report;
+``--reuse-stale`` accepts results of other code versions (then every table marks them).
+Exits 1 when a cell failed, 2 when a dataset cannot be read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from fedlora.data.sources import load_task_data
+from fedlora.experiments.grid import Grid, load_grid
+from fedlora.experiments.report import write_report
+from fedlora.experiments.sweep import LAUNCHERS, Plan, cell_states, run_sweep
+from fedlora.run_config import full_defaults, load_config
+
+
+def check_datasets(grid: Grid) -> str | None:
+    """None when every study's dataset loads, else the first problem in one line."""
+    for study in grid.studies:
+        cfg = load_config({**full_defaults(), **grid.base, **study.base})
+        try:
+            load_task_data(cfg.dataset, cfg.seed).train
+        except (ValueError, OSError) as err:
+            return f"study {study.name!r}: dataset {cfg.dataset.name!r}: {err}"
+    return None
+
+
+def print_status(plan: Plan) -> None:
+    """One line per cell that is not finished, then the counts per study and status."""
+    counts: Counter[tuple[str, str]] = Counter()
+    for cell, status in cell_states(plan):
+        counts[(cell.study, status.partition(":")[0])] += 1
+        if status != "finished":
+            print(f"{cell.label()} {status}", flush=True)
+    for (study, status), count in sorted(counts.items()):
+        print(f"[grid] {study or '(grid)'}: {count} {status}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fedlora grid", description=__doc__.splitlines()[0])
+    parser.add_argument("grid", type=Path, help="grid TOML file (see experiments/grids/)")
+    parser.add_argument("--out", type=Path, required=True, help="output directory (run directories go to OUT/runs/)")
+    parser.add_argument("--launcher", choices=LAUNCHERS, default="inprocess",
+                        help="inprocess (default: ServerApp + ClientApp in this process) or flwr (real `flwr run`)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="cells run at a time, in worker processes sharing the CPU threads (default 1)")
+    parser.add_argument("--reuse-stale", action="store_true",
+                        help="reuse results of other code versions instead of rerunning them (marked in every table)")
+    parser.add_argument("--status", action="store_true", help="list every cell's status; run nothing")
+    parser.add_argument("--report-only", action="store_true", help="only rebuild the report from finished runs")
+    args = parser.parse_args(argv)
+    grid = load_grid(args.grid)
+    out = args.out.resolve()
+    plan = Plan(grid, out, reuse_stale=args.reuse_stale)
+    if args.status:
+        print_status(plan)
+        return 0
+    if not args.report_only:
+        problem = check_datasets(grid)
+        if problem:
+            print(f"[grid] {problem}", flush=True)
+            return 2
+    out.mkdir(parents=True, exist_ok=True)
+    if args.grid.resolve() != (out / "grid.toml"):
+        shutil.copyfile(args.grid, out / "grid.toml")
+    failed = []
+    if not args.report_only:
+        started = time.monotonic()
+        outcomes = run_sweep(plan, args.launcher, args.workers)
+        failed = [o for o in outcomes if o.status.startswith("failed")]
+        counts = Counter(o.status.partition(":")[0] for o in outcomes)
+        print(f"[grid] {counts['done']} cells run, {counts['skipped']} skipped, {counts['reused stale']} reused stale, "
+              f"{counts['waiting']} waiting, {len(failed)} failed in {time.monotonic() - started:.0f} s", flush=True)
+        for outcome in failed:
+            print(f"[grid] {outcome.cell.name}: {outcome.status}", flush=True)
+    for path in write_report(out, grid.reference):
+        print(f"[grid] wrote {path}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
