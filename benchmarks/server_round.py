@@ -216,7 +216,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--strategies", default="all", help="comma-separated names, or all registered (default)")
     parser.add_argument("--no-growth", action="store_true", help="skip the K × r growth table")
     args = parser.parse_args(argv)
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+    flwr_logger = logging.getLogger("flwr")
+    level = flwr_logger.level
+    flwr_logger.setLevel(logging.WARNING)
+    try:
+        report(args)
+    finally:
+        flwr_logger.setLevel(level)
+
+
+def report(args: argparse.Namespace) -> None:
+    """Print the per-strategy table (and the growth table unless ``--no-growth``) for the parsed arguments."""
     print(f"start: {machine_line()}", flush=True)
     strategies = names() if args.strategies == "all" else args.strategies.split(",")
     rows = strategy_rows(strategies, args.layers, args.clients, args.rank, args.repeats)

@@ -102,5 +102,9 @@ def test_a_server_that_cannot_fit_refuses_the_run_and_clients_that_cannot_refuse
 
 
 @pytest.fixture(autouse=True)
-def _info_logs(caplog):
+def _info_logs(caplog, monkeypatch):
+    """INFO lines of Flower's logger reach ``caplog`` whatever an earlier test in this process did to that logger's
+    level or propagation."""
     caplog.set_level(logging.INFO)
+    caplog.set_level(logging.INFO, logger="flwr")
+    monkeypatch.setattr(logging.getLogger("flwr"), "propagate", True)
