@@ -10,29 +10,43 @@ from fedlora.adapters.lora import LORA_A, LORA_B, lora_modules
 from fedlora.adapters.state import AdapterState
 from fedlora.strategies.traffic import Shapes
 from fedlora.strategies.common import aggregate_extras, check_same_keys, weighted_sum
-from fedlora.strategies.error_norms import averaging_error2, gram_norm2
+from fedlora.strategies.error_norms import ROW_BLOCK, averaging_error2, gram_norm2
 
 
 def residual_times_A(Bs: Sequence[np.ndarray], As: Sequence[np.ndarray], weights: np.ndarray, B_bar: np.ndarray,
                      A_bar: np.ndarray) -> np.ndarray:
-    """R Āᵀ for the residual R = ΔW − B̄Ā = Σ_k p_k (B_k − B̄)(A_k − Ā), never forming R (d×r, float64).
+    """R Āᵀ for the residual R = ΔW − B̄Ā = Σ_k p_k (B_k − B̄)(A_k − Ā)Āᵀ, never forming R (d×r, float64).
 
-    = [B_1 − B̄ … B_K − B̄] · [p_1 (A_1 − Ā)Āᵀ; …; p_K (A_K − Ā)Āᵀ]: the differences are written into
-    one stacked buffer per factor (in the uploads' precision: the subtraction is where precision
-    matters, so it comes first), then two GEMMs — (Kr × k)·(k × r) and (d × Kr)·(Kr × r) —
-    instead of 2K thin ones. O((d + k) r² K) flops, two passes over the uploads.
+    = [B_1 − B̄ … B_K − B̄] · C with C = [p_1 (A_1 − Ā)Āᵀ; …; p_K (A_K − Ā)Āᵀ] (Kr × r). The
+    differences are taken first, in the uploads' precision (the subtraction is where precision
+    matters), into one small buffer per factor that is reused block by block over the long
+    dimension (:data:`~fedlora.strategies.error_norms.ROW_BLOCK` columns of A, rows of B): C
+    accumulates (Kr × cols)·(cols × r) products, then each row block of R Āᵀ is one
+    (rows × Kr)·(Kr × r) product. The buffers stay in the CPU cache and no stacked copy of the
+    uploads is ever made: O((d + k) r² K) flops, two passes over the uploads.
     """
     dtype = np.result_type(*Bs, *As)
     B_ref, A_ref = np.asarray(B_bar, dtype=dtype), np.asarray(A_bar, dtype=dtype)
-    r = A_ref.shape[0]
-    dA = np.empty((r * len(As), A_ref.shape[1]), dtype=dtype)
-    dB = np.empty((B_ref.shape[0], r * len(Bs)), dtype=dtype)
-    for i, (B, A) in enumerate(zip(Bs, As)):
-        np.subtract(A, A_ref, out=dA[i * r:(i + 1) * r])
-        np.subtract(B, B_ref, out=dB[:, i * r:(i + 1) * r])
-    core = dA @ A_ref.T
+    (d, r), k = B_ref.shape, A_ref.shape[1]
+    stacked = r * len(As)
+    core = np.zeros((stacked, r), dtype=dtype)
+    diff_A = np.empty((stacked, min(ROW_BLOCK, k)), dtype=dtype)
+    for start in range(0, k, ROW_BLOCK):
+        cols = slice(start, min(start + ROW_BLOCK, k))
+        block = diff_A[:, : cols.stop - start]
+        for i, A in enumerate(As):
+            np.subtract(A[:, cols], A_ref[:, cols], out=block[i * r:(i + 1) * r])
+        core += block @ A_ref[:, cols].T
     core *= np.repeat(np.asarray(weights, dtype=np.float64), r).astype(dtype)[:, None]
-    return np.asarray(dB @ core, dtype=np.float64)
+    out = np.empty((d, r), dtype=np.float64)
+    diff_B = np.empty((min(ROW_BLOCK, d), stacked), dtype=dtype)
+    for start in range(0, d, ROW_BLOCK):
+        rows = slice(start, min(start + ROW_BLOCK, d))
+        block = diff_B[: rows.stop - start]
+        for i, B in enumerate(Bs):
+            np.subtract(B[rows], B_ref[rows], out=block[:, i * r:(i + 1) * r])
+        out[rows] = block @ core
+    return out
 
 
 def ridge_correction(R_At: np.ndarray, A_bar: np.ndarray, lam: float) -> np.ndarray:
