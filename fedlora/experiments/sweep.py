@@ -37,6 +37,7 @@ from fedlora.experiments.grid import Cell, Grid
 from fedlora.experiments.lr_sweep import LrChoice, SweepScore, choose_lr
 from fedlora.experiments.variants import resolve_variant
 from fedlora.run_config import full_defaults, load_config
+from fedlora.server.report import higher_is_better
 
 LAUNCHERS = ("inprocess", "flwr")
 
@@ -113,7 +114,7 @@ class Plan:
         key = (cell.study, cell.method, level)
         if key not in self._choices:
             scores: dict[float, list[SweepScore]] = {}
-            higher_is_better = True
+            higher = True
             for sweep_cell in study.sweep_cells():
                 if (sweep_cell.method, sweep_cell.privacy) != (cell.method, level):
                     continue
@@ -121,10 +122,10 @@ class Plan:
                 if not self.usable(sweep_cell, self.config(sweep_cell)):
                     raise Waiting(f"its lr sweep needs {sweep_cell.label()}")
                 summary = json.loads((run_dir / "summary.json").read_text())
-                higher_is_better = headline_metric_direction(summary["metric"])
+                higher = higher_is_better(summary["metric"])
                 scores.setdefault(float(sweep_cell.lr), []).append(SweepScore(summary.get("final"),
                                                                               summary.get("final_eval_loss")))
-            self._choices[key] = choose_lr(scores, higher_is_better)
+            self._choices[key] = choose_lr(scores, higher)
         return self._choices[key], level
 
     def overrides(self, cell: Cell) -> dict[str, Any]:
@@ -151,11 +152,6 @@ class Plan:
             record["variant"] = {"strategy": variant.strategy, "reference": variant.reference,
                                  **self.variant_keys(cell)}
         return record
-
-
-def headline_metric_direction(metric: str) -> bool:
-    """Whether higher is better for a summary's headline ``metric`` (accuracy; not perplexity)."""
-    return metric.endswith("accuracy")
 
 
 @dataclass(frozen=True)

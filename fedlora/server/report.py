@@ -18,11 +18,17 @@ from fedlora.server.rundir import RunDirectory
 from fedlora.server.tracking import Tracker, numeric, open_trackers
 
 
+def higher_is_better(metric: str) -> bool:
+    """Whether higher is better for a headline ``metric`` (an accuracy; not a perplexity)."""
+    return metric.endswith("accuracy")
+
+
 def headline_metric(task: str, where: str = "server") -> tuple[str, bool]:
     """The eval metric that summarises a run, and whether higher is better: the server's held-out one, or the
     clients' (``client_eval_*``) when they evaluate (``evaluation.where = clients``)."""
-    metric, higher = ("eval_accuracy", True) if task == "classification" else ("eval_perplexity", False)
-    return (f"client_{metric}" if where == "clients" else metric), higher
+    metric = "eval_accuracy" if task == "classification" else "eval_perplexity"
+    metric = f"client_{metric}" if where == "clients" else metric
+    return metric, higher_is_better(metric)
 
 
 def _fmt(value: Any) -> str:
