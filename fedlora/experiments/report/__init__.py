@@ -15,10 +15,9 @@ This package only analyses results: it is not part of the code version that keys
 from __future__ import annotations
 
 import argparse
-import tomllib
 from pathlib import Path
 
-from fedlora.experiments.grid import DEFAULT_REFERENCE
+from fedlora.experiments.grid import DEFAULT_REFERENCE, Grid, load_grid
 from fedlora.experiments.report.collect import CellResult, load_results, write_csv
 from fedlora.experiments.report.compare import Comparison, compare, settings
 from fedlora.experiments.report.page import report_markdown
@@ -27,12 +26,16 @@ from fedlora.experiments.report.results_doc import Evaluator, check_file, render
 from fedlora.experiments.report.statistics import REPLICATES
 
 
-def grid_reference(root: Path) -> str:
-    """The reference strategy of the grid that wrote ``root`` (its ``grid.toml``), else fedavg."""
+def grid_of(root: Path) -> Grid | None:
+    """The grid that wrote ``root`` (its ``grid.toml``), else None."""
     grid = root / "grid.toml"
-    if grid.is_file():
-        return str(tomllib.loads(grid.read_text(encoding="utf-8")).get("reference", DEFAULT_REFERENCE))
-    return DEFAULT_REFERENCE
+    return load_grid(grid) if grid.is_file() else None
+
+
+def grid_reference(root: Path) -> str:
+    """The reference strategy of the grid that wrote ``root``, else fedavg."""
+    grid = grid_of(root)
+    return grid.reference if grid is not None else DEFAULT_REFERENCE
 
 
 def comparisons_of(results: list[CellResult], reference: str, replicates: int) -> dict[tuple[str, str, str], Comparison]:
@@ -74,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--check needs --doc FILE")
     reference = args.reference or grid_reference(root)
     if args.doc:
-        evaluator = Evaluator(load_results(root), reference, args.replicates)
+        evaluator = Evaluator(load_results(root), reference, args.replicates, grid_of(root))
         if args.check:
             problems = check_file(args.doc, evaluator)
             for problem in problems:

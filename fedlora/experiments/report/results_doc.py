@@ -22,7 +22,12 @@ without named studies; METHOD as in the tables, e.g. ``fedsb@fedavg-upload``, th
 ``setup-eps SETTING METHOD``          mean ε spent before training (Fed-SB's gradient round)
 ``mb-round SETTING METHOD``           mean MB per training round, up + down, all clients
 ``paper TEXT``                        TEXT itself: a number quoted from a paper, not from the data
+``progress STUDY``                    the study's finished cells of its grid, lr sweep and main apart
 ====================================  =====================================================================
+
+With the grid (its ``grid.toml`` in the results directory), a value of a setting and method the
+grid plans but has not finished renders as ``pending (n of m seeds)``, so a document can be
+written while a long suite runs; a claim on it fails the check, as does a name the grid lacks.
 
 The check also flags numbers that look measured but sit outside any marker (outside code
 spans and comments): a decimal followed by ``%``, ``pts`` or ``points``, a decimal below 1 with
@@ -35,6 +40,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedlora.experiments.grid import Grid
 from fedlora.experiments.report.collect import CellResult
 from fedlora.experiments.report.compare import MAJORITY, Comparison, Row, compare, mean_present, settings
 from fedlora.experiments.report.tables import (
@@ -55,6 +61,10 @@ class DocError(ValueError):
     """An expression that cannot be evaluated on the data (unknown setting, method or keyword)."""
 
 
+class Pending(DocError):
+    """An expression on a setting and method the grid plans but whose cells have not finished."""
+
+
 @dataclass
 class Evaluator:
     """Evaluates marker expressions on one results directory's results (comparisons computed once each)."""
@@ -62,6 +72,7 @@ class Evaluator:
     results: list[CellResult]
     reference: str
     replicates: int = 2000
+    grid: Grid | None = None
 
     def __post_init__(self) -> None:
         self._comparisons: dict[tuple[tuple[str, str, str], str], Comparison] = {}
@@ -83,6 +94,44 @@ class Evaluator:
         except KeyError as err:
             raise DocError(str(err).strip('"')) from err
 
+    def row_of(self, setting: tuple[str, str, str], method: str,
+               reference: str | None = None) -> tuple[Comparison, Row]:
+        """The comparison and row of ``method`` in ``setting``; :class:`Pending` when the grid plans them but
+        they (or the reference) have not finished."""
+        try:
+            return self._row(setting, method, reference)
+        except DocError as err:
+            planned = self.planned_seeds(setting, method)
+            if planned is None or (reference is not None and self.planned_seeds(setting, reference) is None):
+                raise
+            done = {r.seed for r in self.results if r.role == "main" and r.setting == setting and r.method == method}
+            raise Pending(f"pending ({len(done & planned)} of {len(planned)} seeds)") from err
+
+    def planned_seeds(self, setting: tuple[str, str, str], method: str) -> set[int] | None:
+        """The seeds of the grid's main cells of ``method`` in ``setting`` (None: the grid has none, or no grid)."""
+        if self.grid is None:
+            return None
+        if method in ALIASES:
+            return self.planned_seeds(setting, self.reference) if method == "majority" else set()
+        seeds = {c.seed for c in self.grid.cells()
+                 if not c.is_sweep and (c.study, c.partition, c.privacy) == setting and c.method == method}
+        return seeds or None
+
+    def progress(self, study: str) -> str:
+        """``n of m cells finished (lr sweep a of b, main c of d)`` for the grid's ``study``, plus stale results."""
+        if self.grid is None:
+            raise DocError("'progress' needs the grid (grid.toml in the results directory)")
+        planned = [c for c in self.grid.cells() if c.study == study]
+        if not planned:
+            raise DocError(f"no study {study!r} in the grid; studies: {[s.name for s in self.grid.studies]}")
+        current = [r for r in self.results if r.study == study and not r.stale]
+        sweep = sum(1 for c in planned if c.is_sweep)
+        done_sweep = sum(1 for r in current if r.role == "sweep")
+        stale = sum(1 for r in self.results if r.study == study and r.stale)
+        text = (f"{len(current)} of {len(planned)} cells finished (lr sweep {done_sweep} of {sweep}, "
+                f"main and baselines {len(current) - done_sweep} of {len(planned) - sweep})")
+        return text + (f", {stale} stale" if stale else "")
+
     def value(self, expression: str) -> str:
         """The rendered text of a value expression (see the module docstring)."""
         words = expression.split()
@@ -91,21 +140,31 @@ class Evaluator:
         keyword, args = words[0], words[1:]
         if keyword == "paper":
             return expression.partition(" ")[2]
+        if keyword == "progress" and len(args) == 1:
+            return self.progress("" if args[0] == "-" else args[0])
         if keyword in ("overview", "sweep") and len(args) == 1:
             study = "" if args[0] == "-" else args[0]
             text = overview_table([self.comparison(s) for s in settings(self.results) if s[0] == study],
                                   self.reference) if keyword == "overview" else sweep_table(self.results, study)
             return f"\n{text}\n"
-        if keyword == "table" and len(args) == 1:
-            return f"\n{comparison_table(self.comparison(parse_setting(args[0])))}\n"
-        if len(args) < 2:
+        if len(args) < (1 if keyword == "table" else 2):
             raise DocError(f"{expression!r}: expected '{keyword} SETTING METHOD'")
-        setting, method = parse_setting(args[0]), args[1]
+        try:
+            return self._value(expression, keyword, parse_setting(args[0]), args[1:])
+        except Pending as pending:
+            return str(pending)
+
+    def _value(self, expression: str, keyword: str, setting: tuple[str, str, str], rest: list[str]) -> str:
+        """A value expression on one setting (``rest``: the words after it)."""
+        if keyword == "table" and not rest:
+            comparison, _ = self.row_of(setting, self.reference)
+            return f"\n{comparison_table(comparison)}\n"
+        method, rest = rest[0], rest[1:]
         if keyword == "diff":
-            other = args[3] if len(args) == 4 and args[2] == "vs" else None
-            comparison, row = self._row(setting, method, other)
+            other = rest[1] if len(rest) == 2 and rest[0] == "vs" else None
+            comparison, row = self.row_of(setting, method, other)
             return fmt_interval(row.diff, comparison.metric, signed=True)
-        comparison, row = self._row(setting, method)
+        comparison, row = self.row_of(setting, method)
         if keyword == "score":
             return fmt_interval(row.score, comparison.metric)
         if keyword == "seeds":
@@ -125,7 +184,10 @@ class Evaluator:
         if not words or words[0] != "diff" or len(words) not in (3, 5):
             raise DocError(f"{expression!r}: a claim compares 'diff SETTING METHOD [vs OTHER]' with 0")
         other = words[4] if len(words) == 5 else None
-        _, row = self._row(parse_setting(words[1]), words[2], other)
+        try:
+            _, row = self.row_of(parse_setting(words[1]), words[2], other)
+        except Pending as pending:
+            raise DocError(f"{expression!r}: a claim on cells not yet finished, {pending}") from pending
         if row.diff is None:
             raise DocError(f"{expression!r}: no paired difference ({row.note or 'no test results'})")
         return {">": row.diff.low > 0, "<": row.diff.high < 0, "~": not row.diff.excludes_zero()}[op]
