@@ -31,17 +31,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from benchmarks.client_step import make_rows
-from benchmarks.common import machine_line, markdown_table
+from benchmarks.common import machine_line, markdown_table, seconds_per_step
 
 SWITCHES = {"fp32": {"model.dtype": "fp32"}, "bf16": {"model.dtype": "bf16"}, "nf4": {"model.quantization": "nf4"},
             "int8": {"model.quantization": "int8"}, "ckpt": {"model.gradient-checkpointing": True},
@@ -122,20 +120,12 @@ def measure(model: str, variant: str, batch: int, length: int, steps: int, round
         torch.cuda.reset_peak_memory_stats()
     else:
         Path("/proc/self/clear_refs").write_text("5")  # the peak resident size starts again from here
-    if warmup:
-        run(warmup)
-        sync()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        run(steps)
-        sync()
-        times.append((time.perf_counter() - start) / steps)
+    seconds = seconds_per_step(run, steps, rounds, warmup, sync)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated()
     else:
         peak = (_status_kib("VmHWM") - before_kib) * 1024
-    return Measurement(variant, statistics.median(times), peak / 2**20, (estimate.total - RUNTIME) / 2**20)
+    return Measurement(variant, seconds, peak / 2**20, (estimate.total - RUNTIME) / 2**20)
 
 
 #: glibc's malloc with a fixed mmap threshold: freed tensors leave the resident set at once (the CPU memory pass)

@@ -35,17 +35,15 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import machine_line, markdown_table
+from benchmarks.common import machine_line, markdown_table, seconds_per_step
 
 MODELS = {  # name: (task, batch size, tokens per row)
     "minilm": ("classification", 32, 64),
@@ -157,26 +155,14 @@ def measure(model_name: str, variant: str, steps: int, rounds: int, warmup: int,
     device = pick_device(device_name)
     run = step_runner(model_name, variant, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times: list[float] = []
-
-    def timed() -> None:
-        if warmup:
-            run(warmup)
-            sync()
-        for _ in range(rounds):
-            start = time.perf_counter()
-            run(steps)
-            sync()
-            times.append((time.perf_counter() - start) / steps)
-
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-        timed()
+    seconds = seconds_per_step(run, steps, rounds, warmup, sync)
+    if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated()
     else:
-        timed()
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    return Measurement(model_name, variant, statistics.median(times), peak / 2**20)
+    return Measurement(model_name, variant, seconds, peak / 2**20)
 
 
 def in_subprocess(model_name: str, variant: str, args: argparse.Namespace) -> Measurement:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import platform
-from collections.abc import Sequence
+import statistics
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -38,3 +40,19 @@ def read_metrics(run_dir: Path) -> list[dict]:
     """The records of a run directory's metrics.jsonl (round 0 = before training)."""
     lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines if line.strip()]
+
+
+def seconds_per_step(run: Callable[[int], None], steps: int, rounds: int, warmup: int,
+                     sync: Callable[[], None] = lambda: None) -> float:
+    """Median over ``rounds`` timed calls of ``run(steps)`` of the seconds per step, after ``run(warmup)``
+    (``sync`` waits for the device, e.g. ``torch.cuda.synchronize``, before each clock reading)."""
+    if warmup:
+        run(warmup)
+        sync()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        run(steps)
+        sync()
+        times.append((time.perf_counter() - start) / steps)
+    return statistics.median(times)
