@@ -181,6 +181,19 @@ def test_grid_files_both_forms_and_their_errors(tmp_path):
     fails('seeds = [0]\n[[study]]\nname = "a"\n', "go inside each study")
     fails('[[study]]\nequal-upload = ["nope"]\n', "equal-upload")
     fails('[[study]]\nstrategies = ["fedavg"]\nprivate-methods = ["ffa"]\n', "private-methods")
+    fails('[[study]\n', "not valid TOML")
+
+
+def test_a_bad_grid_file_is_one_line_and_exit_2(tmp_path, capsys):
+    grid_file = tmp_path / "g.toml"
+    grid_file.write_text('[[study]]\nseeds = [0]\n[study.lr-sweep]\nvalues = [0.01]\nseeds = [0]\n')
+    for extra in ([], ["--status"]):
+        assert main([str(grid_file), "--out", str(tmp_path / "out"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "overlap the main seeds" in err and "Traceback" not in err
+    assert main([str(tmp_path / "absent.toml"), "--out", str(tmp_path / "out")]) == 2
+    assert "absent.toml" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_cells_of_a_study_share_settings_and_privacy_levels(tmp_path):

@@ -403,7 +403,10 @@ def _study(raw: dict[str, Any], default_name: str, reference: str, path: Path) -
 def load_grid(path: Path) -> Grid:
     """Parse and check a grid TOML file (either form, see the module docstring)."""
     path = Path(path)
-    raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise GridError(f"{path}: not valid TOML: {err}") from None
     studies_raw = raw.get("study")
     allowed = GRID_KEYS if studies_raw is not None else GRID_KEYS | LEGACY_KEYS
     unknown = sorted(set(raw) - allowed)

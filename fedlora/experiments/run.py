@@ -7,7 +7,8 @@ command), runs every cell that is not finished with this config and this code ve
 report of ``fedlora report DIR`` (:mod:`fedlora.experiments.report`). ``--status`` lists every
 cell's status without running anything; ``--report-only`` only rebuilds the report;
 ``--reuse-stale`` accepts results of other code versions (then every table marks them).
-Exits 1 when a cell failed, 2 when a dataset cannot be read.
+Exits 1 when a cell failed, 2 when the grid file is invalid or a dataset cannot be read (one line on stderr,
+naming the file, the study and the bad value; ``--debug`` adds the traceback).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections import Counter
 from pathlib import Path
 
 from fedlora.data.sources import load_task_data
-from fedlora.experiments.grid import Grid, load_grid
+from fedlora.experiments.grid import Grid, GridError, load_grid
 from fedlora.experiments.report import write_report
 from fedlora.experiments.sweep import LAUNCHERS, Plan, cell_states, run_sweep
 from fedlora.run_config import full_defaults, load_config
@@ -60,8 +61,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="reuse results of other code versions instead of rerunning them (marked in every table)")
     parser.add_argument("--status", action="store_true", help="list every cell's status; run nothing")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the report from finished runs")
+    parser.add_argument("--debug", action="store_true", help="a traceback with an invalid grid file")
     args = parser.parse_args(argv)
-    grid = load_grid(args.grid)
+    try:
+        grid = load_grid(args.grid)
+    except (GridError, OSError) as err:
+        if args.debug:
+            raise
+        print(f"fedlora grid: {err}", file=sys.stderr, flush=True)
+        return 2
     out = args.out.resolve()
     plan = Plan(grid, out, reuse_stale=args.reuse_stale)
     if args.status:
