@@ -125,17 +125,20 @@ def test_a_document_written_before_the_suite_ends_shows_what_is_pending(results_
     (results_dir / "grid.toml").write_text(GRID)
     assert main([str(results_dir), "--no-plots", "--replicates", "300"]) == 0
     doc = results_dir / "RESULTS.md"
-    doc.write_text("Done: <!--= progress - -->x<!--/-->. Fed-SB: <!--= diff iid/none fedsb -->x<!--/-->; "
+    doc.write_text("Done: <!--= progress - -->x<!--/--> by <!--= code - -->x<!--/-->. Fed-SB: <!--= diff iid/none fedsb -->x<!--/-->; "
                    "skewed: <!--= diff dirichlet-0.1/none ffa -->x<!--/-->.\n\n<!--= table dirichlet-0.1/none -->\n"
                    "<!--/-->\n")
     assert main([str(results_dir), "--doc", str(doc), "--replicates", "300"]) == 0
     text = doc.read_text()
     # 9 main + 3 centralized finished of 4 × 2 × 3 main, 3 centralized and (4 + centralized) × 2 sweep cells
     assert "-->12 of 37 cells finished (lr sweep 0 of 10, main and baselines 12 of 27)<!--/-->" in text
+    assert f"<!--= code - -->{RUNNING_CODE_VERSION} (all 12 results)<!--/-->" in text
     assert "fedsb -->pending (0 of 3 seeds)<!--/-->; skewed: <!--= diff dirichlet-0.1/none ffa -->pending (0 of 3" in text
     assert "<!--= table dirichlet-0.1/none -->pending (0 of 3 seeds)<!--/-->" in text
     assert main([str(results_dir), "--doc", str(doc), "--check", "--replicates", "300"]) == 0
     doc.write_text(text + "Fed-SB is better <!--? diff iid/none fedsb > 0 -->; <!--= diff iid/none fedx -->x<!--/-->\n")
     assert main([str(results_dir), "--doc", str(doc), "--check", "--replicates", "300"]) == 1
     evaluator = Evaluator(load_results(results_dir), "fedavg", 300)  # without the grid nothing is pending
+    evaluator.results[0].summary["code_version"] = "0123456789abcdef"
+    assert evaluator.value("code -") == f"{RUNNING_CODE_VERSION} (11), 0123456789abcdef (1)"
     assert any("no method 'fedsb'" in p for p in check(text, evaluator))

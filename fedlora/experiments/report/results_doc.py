@@ -23,6 +23,7 @@ without named studies; METHOD as in the tables, e.g. ``fedsb@fedavg-upload``, th
 ``mb-round SETTING METHOD``           mean MB per training round, up + down, all clients
 ``paper TEXT``                        TEXT itself: a number quoted from a paper, not from the data
 ``progress STUDY``                    the study's finished cells of its grid, lr sweep and main apart
+``code STUDY``                        the code versions that produced the study's results, with their counts
 ====================================  =====================================================================
 
 With the grid (its ``grid.toml`` in the results directory), a value of a setting and method the
@@ -37,6 +38,7 @@ two or more digits (``0.538``), and anything after ``±``.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,6 +134,15 @@ class Evaluator:
                 f"main and baselines {len(current) - done_sweep} of {len(planned) - sweep})")
         return text + (f", {stale} stale" if stale else "")
 
+    def code_versions(self, study: str) -> str:
+        """``version (all n results)``, or ``v1 (n1), v2 (n2)`` by count, for the results of ``study``."""
+        versions = Counter(str(r.summary.get("code_version", "unrecorded")) for r in self.results if r.study == study)
+        if not versions:
+            raise DocError(f"no results of study {study!r}")
+        if len(versions) == 1:
+            return f"{next(iter(versions))} (all {sum(versions.values())} results)"
+        return ", ".join(f"{version} ({n})" for version, n in versions.most_common())
+
     def value(self, expression: str) -> str:
         """The rendered text of a value expression (see the module docstring)."""
         words = expression.split()
@@ -142,6 +153,8 @@ class Evaluator:
             return expression.partition(" ")[2]
         if keyword == "progress" and len(args) == 1:
             return self.progress("" if args[0] == "-" else args[0])
+        if keyword == "code" and len(args) == 1:
+            return self.code_versions("" if args[0] == "-" else args[0])
         if keyword in ("overview", "sweep") and len(args) == 1:
             study = "" if args[0] == "-" else args[0]
             text = overview_table([self.comparison(s) for s in settings(self.results) if s[0] == study],
