@@ -121,7 +121,7 @@ seeds = [100]
 """
 
 
-def test_a_document_written_before_the_suite_ends_shows_what_is_pending(results_dir):
+def test_a_document_written_before_the_suite_ends_shows_what_is_pending(results_dir, capsys):
     (results_dir / "grid.toml").write_text(GRID)
     assert main([str(results_dir), "--no-plots", "--replicates", "300"]) == 0
     doc = results_dir / "RESULTS.md"
@@ -138,6 +138,10 @@ def test_a_document_written_before_the_suite_ends_shows_what_is_pending(results_
     assert main([str(results_dir), "--doc", str(doc), "--check", "--replicates", "300"]) == 0
     doc.write_text(text + "Fed-SB is better <!--? diff iid/none fedsb > 0 -->; <!--= diff iid/none fedx -->x<!--/-->\n")
     assert main([str(results_dir), "--doc", str(doc), "--check", "--replicates", "300"]) == 1
+    doc.write_text("Line one.\nBy <!--= code nostudy -->x<!--/-->.\n")
+    assert main([str(results_dir), "--doc", str(doc), "--replicates", "300"]) == 2
+    assert doc.read_text() == "Line one.\nBy <!--= code nostudy -->x<!--/-->.\n"
+    assert "line 2: 'code nostudy': no results of study 'nostudy'; nothing written" in capsys.readouterr().err
     evaluator = Evaluator(load_results(results_dir), "fedavg", 300)  # without the grid nothing is pending
     evaluator.results[0].summary["code_version"] = "0123456789abcdef"
     assert evaluator.value("code -") == f"{RUNNING_CODE_VERSION} (11), 0123456789abcdef (1)"

@@ -15,6 +15,7 @@ This package only analyses results: it is not part of the code version that keys
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from fedlora.experiments.grid import DEFAULT_REFERENCE, Grid, load_grid
@@ -22,7 +23,7 @@ from fedlora.experiments.report.collect import CellResult, load_results, write_c
 from fedlora.experiments.report.compare import Comparison, compare, settings
 from fedlora.experiments.report.page import report_markdown
 from fedlora.experiments.report.plots import write_plots
-from fedlora.experiments.report.results_doc import Evaluator, check_file, render_file
+from fedlora.experiments.report.results_doc import DocError, Evaluator, check_file, render_file
 from fedlora.experiments.report.statistics import REPLICATES
 
 
@@ -84,7 +85,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(problem, flush=True)
             print(f"[report] {args.doc}: {len(problems)} problem(s)", flush=True)
             return 1 if problems else 0
-        render_file(args.doc, evaluator)
+        try:
+            render_file(args.doc, evaluator)
+        except DocError as err:
+            print(f"fedlora report: {args.doc}: {err}; nothing written", file=sys.stderr, flush=True)
+            return 2
         print(f"[report] rendered {args.doc} from {root}", flush=True)
         return 0
     for path in write_report(root, reference, args.replicates, plots=not args.no_plots):

@@ -137,6 +137,8 @@ class Evaluator:
     def code_versions(self, study: str) -> str:
         """``version (all n results)``, or ``v1 (n1), v2 (n2)`` by count, for the results of ``study``."""
         versions = Counter(str(r.summary.get("code_version", "unrecorded")) for r in self.results if r.study == study)
+        if not versions and self.grid is not None and study in {s.name for s in self.grid.studies}:
+            return "none yet (no finished results)"
         if not versions:
             raise DocError(f"no results of study {study!r}")
         if len(versions) == 1:
@@ -221,8 +223,14 @@ def _line(text: str, offset: int) -> int:
 
 
 def render(text: str, evaluator: Evaluator) -> str:
-    """``text`` with every value marker's text replaced by its expression's value."""
-    return VALUE.sub(lambda m: f"<!--= {m.group(1)} -->{evaluator.value(m.group(1))}<!--/-->", text)
+    """``text`` with every value marker's text replaced by its expression's value; a :class:`DocError` names the
+    line and the expression that could not be evaluated."""
+    def rendered(match: re.Match[str]) -> str:
+        try:
+            return f"<!--= {match.group(1)} -->{evaluator.value(match.group(1))}<!--/-->"
+        except DocError as err:
+            raise DocError(f"line {_line(text, match.start())}: {match.group(1)!r}: {err}") from None
+    return VALUE.sub(rendered, text)
 
 
 def check(text: str, evaluator: Evaluator) -> list[str]:
