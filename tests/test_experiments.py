@@ -148,10 +148,12 @@ def test_rerun_skips_and_stale_results_are_rerun_or_marked(sweep, capsys):
         Plan(changed, out).config(cell)
 
     assert main([str(grid_file), "--out", str(out), "--status"]) == 0
-    assert "(s: fedavg, iid, none, seed 4) stale" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "(s: fedavg, iid, none, seed 4) stale" in printed
+    assert "1 finished cell(s) came from other code (0123456789abcdef (1))" in printed and "will be rerun" in printed
     assert main([str(grid_file), "--out", str(out), "--reuse-stale"]) == 0
     printed = capsys.readouterr().out
-    assert "1 reused stale" in printed and "11 skipped" in printed
+    assert "1 reused stale" in printed and "11 skipped" in printed and "they are reused, marked †" in printed
     assert "**1 of 12 results are stale (†)**" in (out / "report.md").read_text()
     assert "fedavg †" in (out / "report.md").read_text()
     assert main([str(grid_file), "--out", str(out), "--workers", "2"]) == 0  # the stale cell reruns in a worker process

@@ -6,7 +6,8 @@ command), runs every cell that is not finished with this config and this code ve
 ``flwr run`` simulations; ``--workers N`` runs N cells at a time), then writes into ``DIR``: ``grid.toml`` (a copy of the grid) and the
 report of ``fedlora report DIR`` (:mod:`fedlora.experiments.report`). ``--status`` lists every
 cell's status without running anything; ``--report-only`` only rebuilds the report;
-``--reuse-stale`` accepts results of other code versions (then every table marks them).
+``--reuse-stale`` accepts results of other code versions (then every table marks them); either way one
+line says how many finished cells came from other code, and which versions.
 Exits 1 when a cell failed, 2 when the grid file is invalid or a dataset cannot be read (one line on stderr,
 naming the file, the study and the bad value; ``--debug`` adds the traceback).
 """
@@ -14,6 +15,7 @@ naming the file, the study and the bad value; ``--debug`` adds the traceback).
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import time
@@ -21,10 +23,12 @@ from collections import Counter
 from pathlib import Path
 
 from fedlora.data.sources import load_task_data
+from fedlora.experiments.cells import STALE, run_dir_of
 from fedlora.experiments.grid import Grid, GridError, load_grid
 from fedlora.experiments.report import write_report
 from fedlora.experiments.sweep import LAUNCHERS, Plan, cell_states, run_sweep
 from fedlora.run_config import full_defaults, load_config
+from fedlora.server.rundir import RUNNING_CODE_VERSION
 
 
 def check_datasets(grid: Grid) -> str | None:
@@ -36,6 +40,21 @@ def check_datasets(grid: Grid) -> str | None:
         except (ValueError, OSError) as err:
             return f"study {study.name!r}: dataset {cfg.dataset.name!r}: {err}"
     return None
+
+
+def stale_notice(plan: Plan) -> str | None:
+    """One line when finished cells of this grid came from other code than the running version, else None."""
+    stale = [cell for cell, status in cell_states(plan) if status == STALE]
+    if not stale:
+        return None
+    versions = Counter(str(json.loads((run_dir_of(plan.out, c) / "summary.json").read_text()).get("code_version"))
+                       for c in stale)
+    listed = ", ".join(f"{v} ({n})" for v, n in versions.most_common())
+    what = ("are reused, marked † in every table" if plan.reuse_stale else
+            "will be rerun; --reuse-stale keeps them (marked †), or run the grid from a checkout of their code "
+            "(experiments/README.md)")
+    return (f"[grid] {len(stale)} finished cell(s) came from other code ({listed}) than the running version "
+            f"{RUNNING_CODE_VERSION}: they {what}")
 
 
 def print_status(plan: Plan) -> None:
@@ -74,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     plan = Plan(grid, out, reuse_stale=args.reuse_stale)
     if args.status:
         print_status(plan)
+        notice = stale_notice(plan)
+        if notice:
+            print(notice, flush=True)
         return 0
     if not args.report_only:
         problem = check_datasets(grid)
@@ -85,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copyfile(args.grid, out / "grid.toml")
     failed = []
     if not args.report_only:
+        notice = stale_notice(plan)
+        if notice:
+            print(notice, flush=True)
         started = time.monotonic()
         outcomes = run_sweep(plan, args.launcher, args.workers)
         failed = [o for o in outcomes if o.status.startswith("failed")]
