@@ -10,81 +10,87 @@ from fedlora.adapters.lora import LORA_A, LORA_B, lora_modules
 from fedlora.adapters.state import AdapterState
 from fedlora.strategies.traffic import Shapes
 from fedlora.strategies.common import aggregate_extras, check_same_keys, weighted_sum
-from fedlora.strategies.error_norms import ROW_BLOCK, averaging_error2, gram_norm2
+from fedlora.strategies.error_norms import ROW_BLOCK, averaging_error2
 
 
-def residual_times_A(Bs: Sequence[np.ndarray], As: Sequence[np.ndarray], weights: np.ndarray, B_bar: np.ndarray,
-                     A_bar: np.ndarray) -> np.ndarray:
-    """R Āᵀ for the residual R = ΔW − B̄Ā = Σ_k p_k (B_k − B̄)(A_k − Ā)Āᵀ, never forming R (d×r, float64).
+def centred_cross(As: Sequence[np.ndarray], A_bar: np.ndarray) -> np.ndarray:
+    """[(A_1 − Ā)Āᵀ; …; (A_K − Ā)Āᵀ] (Kr × r) in the uploads' precision, in one pass over the A_k.
 
-    = [B_1 − B̄ … B_K − B̄] · C with C = [p_1 (A_1 − Ā)Āᵀ; …; p_K (A_K − Ā)Āᵀ] (Kr × r). The
-    differences are taken first, in the uploads' precision (the subtraction is where precision
-    matters), into one small buffer per factor that is reused block by block over the long
-    dimension (:data:`~fedlora.strategies.error_norms.ROW_BLOCK` columns of A, rows of B): C
-    accumulates (Kr × cols)·(cols × r) products, then each row block of R Āᵀ is one
-    (rows × Kr)·(Kr × r) product. The buffers stay in the CPU cache and no stacked copy of the
-    uploads is ever made: O((d + k) r² K) flops, two passes over the uploads.
+    The differences are taken first (the subtraction is where precision matters) into one
+    small buffer that is reused block by block over k (:data:`~fedlora.strategies.error_norms.ROW_BLOCK`
+    columns), each block contracted with the same columns of Ā while it is in the CPU cache.
     """
-    dtype = np.result_type(*Bs, *As)
-    B_ref, A_ref = np.asarray(B_bar, dtype=dtype), np.asarray(A_bar, dtype=dtype)
-    (d, r), k = B_ref.shape, A_ref.shape[1]
-    stacked = r * len(As)
-    core = np.zeros((stacked, r), dtype=dtype)
-    diff_A = np.empty((stacked, min(ROW_BLOCK, k)), dtype=dtype)
+    dtype = np.result_type(*As)
+    A_ref = np.asarray(A_bar, dtype=dtype)
+    r, k = A_ref.shape
+    out = np.zeros((r * len(As), r), dtype=dtype)
+    buffer = np.empty((r * len(As), min(ROW_BLOCK, k)), dtype=dtype)
     for start in range(0, k, ROW_BLOCK):
         cols = slice(start, min(start + ROW_BLOCK, k))
-        block = diff_A[:, : cols.stop - start]
+        block = buffer[:, : cols.stop - start]
         for i, A in enumerate(As):
             np.subtract(A[:, cols], A_ref[:, cols], out=block[i * r:(i + 1) * r])
-        core += block @ A_ref[:, cols].T
-    core *= np.repeat(np.asarray(weights, dtype=np.float64), r).astype(dtype)[:, None]
-    out = np.empty((d, r), dtype=np.float64)
-    diff_B = np.empty((min(ROW_BLOCK, d), stacked), dtype=dtype)
-    for start in range(0, d, ROW_BLOCK):
-        rows = slice(start, min(start + ROW_BLOCK, d))
-        block = diff_B[: rows.stop - start]
-        for i, B in enumerate(Bs):
-            np.subtract(B[rows], B_ref[rows], out=block[:, i * r:(i + 1) * r])
-        out[rows] = block @ core
+        out += block @ A_ref[:, cols].T
     return out
 
 
-def ridge_correction(R_At: np.ndarray, A_bar: np.ndarray, lam: float) -> np.ndarray:
-    """ΔB* = R Āᵀ (ĀĀᵀ + λI)⁻¹ from R Āᵀ (:func:`residual_times_A`) and Ā (r×k), in float64.
-
-    It minimises ‖R − ΔB Ā‖²_F + λ‖ΔB‖²_F (least squares, minimum norm, when λ = 0).
-    """
+def ridge_inverse(A_bar: np.ndarray, lam: float) -> np.ndarray:
+    """(ĀĀᵀ + λI)⁻¹ (r×r, float64); for λ = 0 the pseudo-inverse (ĀĀᵀ)⁺, from its eigendecomposition
+    (cutoff r·ε·λ_max), which gives the minimum-norm least-squares correction when ĀĀᵀ is singular."""
     if lam < 0:
         raise ValueError(f"lorafair.lambda must be >= 0, got {lam}")
     A_bar = np.asarray(A_bar, dtype=np.float64)
     gram = A_bar @ A_bar.T + lam * np.eye(A_bar.shape[0])
-    R_At = np.asarray(R_At, dtype=np.float64)
-    if lam > 0:
-        # ĀĀᵀ + λI is symmetric positive definite: its r×r inverse, then one d×r·r×r product (LAPACK's solve with
-        # d right-hand sides took 15× longer at d = 4096)
-        return R_At @ np.linalg.inv(gram)
-    # R Āᵀ (ĀĀᵀ)⁺ = R Ā⁺ is the minimum-norm solution when ĀĀᵀ is singular (λ = 0); the r×r pseudo-inverse
-    # comes from its eigendecomposition (cutoff r·ε·λ_max), far cheaper than lstsq over d right-hand sides
-    return R_At @ np.linalg.pinv(gram, hermitian=True)
+    return np.linalg.inv(gram) if lam > 0 else np.linalg.pinv(gram, hermitian=True)
+
+
+def mixing_matrices(cross: np.ndarray, weights: np.ndarray, inverse: np.ndarray) -> np.ndarray:
+    """W = [W_1; …; W_K] (Kr × r, float64) with W_k = p_k (I + M_k G⁻¹), M_k = (A_k − Ā)Āᵀ (``cross``)."""
+    r = inverse.shape[0]
+    blocks = np.asarray(cross, dtype=np.float64).reshape(len(weights), r, r) @ inverse + np.eye(r)
+    return (np.asarray(weights, dtype=np.float64)[:, None, None] * blocks).reshape(len(weights) * r, r)
+
+
+def mixed_sum(Bs: Sequence[np.ndarray], W: np.ndarray) -> np.ndarray:
+    """Σ_k B_k W_k (d×r, float64) for W = [W_1; …; W_K]: block by block over d, the K clients' rows
+    copied into one float64 (rows × Kr) buffer that stays in the CPU cache, then one product with W."""
+    (d, r), K = np.shape(Bs[0]), len(Bs)
+    out = np.empty((d, W.shape[1]), dtype=np.float64)
+    buffer = np.empty((min(ROW_BLOCK, d), K * r), dtype=np.float64)
+    for start in range(0, d, ROW_BLOCK):
+        rows = slice(start, min(start + ROW_BLOCK, d))
+        block = buffer[: rows.stop - start]
+        for i, B in enumerate(Bs):
+            block[:, i * r:(i + 1) * r] = B[rows]
+        np.matmul(block, W, out=out[rows])
+    return out
 
 
 def correct_module(Bs: Sequence[np.ndarray], As: Sequence[np.ndarray], weights: np.ndarray, lam: float,
                    measure: bool = True) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float] | None]:
     """(Ā, B̄ + ΔB*, and when ``measure`` the squared ‖ΔW − B̄Ā‖, ‖ΔW − (B̄ + ΔB*)Ā‖, ‖ΔW‖) for one module, float64.
 
-    ΔB* needs only R Āᵀ (:func:`residual_times_A`), so without ``measure`` the correction costs
-    a pass over the uploads. The norms come from the centred Grams of FedIT's error
-    (:func:`fedlora.strategies.error_norms.averaging_error2`) and ‖R − ΔB Ā‖² = ‖R‖² −
-    2⟨R Āᵀ, ΔB⟩ + ‖ΔB Ā‖². No d×k matrix is ever held.
+    With the residual R = ΔW − B̄Ā = Σ_k p_k (B_k − B̄)(A_k − Ā) and G = ĀĀᵀ + λI,
+    ΔB* = R Āᵀ G⁻¹ = Σ_k p_k (B_k − B̄) M_k G⁻¹ with M_k = (A_k − Ā)Āᵀ; because Σ_k p_k M_k = 0
+    the B̄ term vanishes and the corrected factor is one mixing product over the uploads,
+
+        B̄ + ΔB* = Σ_k B_k · p_k (I + M_k G⁻¹)        (:func:`mixing_matrices`, :func:`mixed_sum`),
+
+    so the correction costs one pass over the A_k (after Ā) and one over the B_k, which also
+    replaces B̄'s own pass. The norms (``measure``) come from the centred Grams of FedIT's error
+    (:func:`fedlora.strategies.error_norms.averaging_error2`) and, as R Āᵀ = ΔB* G,
+    ‖R − ΔB* Ā‖² = ‖R‖² − tr(ΔB* (ĀĀᵀ + 2λI) ΔB*ᵀ). No d×k matrix is ever held.
     """
-    A_bar, B_bar = weighted_sum(As, weights), weighted_sum(Bs, weights)
-    R_At = residual_times_A(Bs, As, weights, B_bar, A_bar)
-    correction = ridge_correction(R_At, A_bar, lam)
+    A_bar = weighted_sum(As, weights)
+    inverse = ridge_inverse(A_bar, lam)
+    B_new = mixed_sum(Bs, mixing_matrices(centred_cross(As, A_bar), weights, inverse))
     if not measure:
-        return A_bar, B_bar + correction, None
+        return A_bar, B_new, None
+    B_bar = weighted_sum(Bs, weights)
+    correction = B_new - B_bar
     before2, ideal2 = averaging_error2(Bs, As, weights, B_bar, A_bar)
-    after2 = max(before2 - 2.0 * float(np.sum(R_At * correction)) + gram_norm2(correction, A_bar), 0.0)
-    return A_bar, B_bar + correction, (before2, after2, ideal2)
+    reduction = float(np.sum((correction.T @ correction) * (A_bar @ A_bar.T + 2.0 * lam * np.eye(A_bar.shape[0]))))
+    return A_bar, B_new, (before2, max(before2 - reduction, 0.0), ideal2)
 
 
 def lorafair_module(Bs: Sequence[np.ndarray], As: Sequence[np.ndarray], weights: np.ndarray,
