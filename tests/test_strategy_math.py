@@ -120,6 +120,18 @@ def test_difference_grams_are_the_grams_of_the_scaled_difference_stack(side, mon
         np.testing.assert_allclose(cross, probe @ stack.T, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_difference_grams_of_a_plain_stack_of_mixed_ranks(side, monkeypatch):
+    monkeypatch.setattr("fedlora.strategies.error_norms.ROW_BLOCK", 5)
+    rng = np.random.default_rng(7)
+    ranks, coefficients = [4, 2, 3], [1.5, -0.5, 2.0]
+    factors = [rng.standard_normal((D, r) if side == "left" else (r, D)) for r in ranks]
+    stack = np.concatenate([c * F for F, c in zip(factors, coefficients)], axis=1 if side == "left" else 0)
+    gram, cross = difference_grams(factors, None, coefficients, None, side)
+    assert cross is None
+    np.testing.assert_allclose(gram, stack.T @ stack if side == "left" else stack @ stack.T, rtol=1e-12, atol=1e-12)
+
+
 def test_rounding_error_is_the_float32_rounding_of_the_middle_factor():
     rng = np.random.default_rng(4)
     L, X, F = rng.standard_normal((D, 3)), rng.standard_normal((3, 3)), rng.standard_normal((3, K))
@@ -156,7 +168,7 @@ def test_error_ratio_sums_modules_in_quadrature():
 def test_split_norms_are_the_whole_and_the_trailing_product():
     rng = np.random.default_rng(8)
     U, V = rng.standard_normal((D, 7)), rng.standard_normal((7, K))
-    whole, tail = split_norms2(U, V, 3)
+    whole, tail = split_norms2(U.T @ U, V @ V.T, 3)
     assert whole == pytest.approx(np.linalg.norm(U @ V) ** 2, rel=1e-12)
     assert tail == pytest.approx(np.linalg.norm(U[:, 3:] @ V[3:]) ** 2, rel=1e-12)
 

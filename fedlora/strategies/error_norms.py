@@ -37,38 +37,41 @@ def gram_norm2(U: np.ndarray, V: np.ndarray) -> float:
     return max(gram_inner(U, V, U, V), 0.0)
 
 
-def difference_grams(factors: Sequence[np.ndarray], reference: np.ndarray, coefficients: Sequence[float],
-                     probe: np.ndarray, side: str) -> tuple[np.ndarray, np.ndarray]:
+def difference_grams(factors: Sequence[np.ndarray], reference: np.ndarray | None, coefficients: Sequence[float],
+                     probe: np.ndarray | None, side: str) -> tuple[np.ndarray, np.ndarray | None]:
     """The Grams of a stack of scaled differences, block by block, in float64.
 
-    ``side = "left"``: the factors F_k are n×r and the stack is U = [c_1 (F_1 − X) … c_K (F_K − X)]
-    (n × Kr, X = ``reference``); returns (UᵀU, Pᵀ U) for ``probe`` P (n × q).
-    ``side = "right"``: the F_k are r×n, the stack is V = [c_1 (F_1 − X); …] (Kr × n); returns
-    (V Vᵀ, P Vᵀ) for P (q × n). The stack exists one block of :data:`ROW_BLOCK` rows (columns) at
-    a time, in the inputs' precision, unscaled: the c_k scale the small Grams afterwards
-    ((c_i c_j)·G_ij), not the stack.
+    ``side = "left"``: the factors F_k are n×r_k and the stack is U = [c_1 (F_1 − X) … c_K (F_K − X)]
+    (n × Σr_k, X = ``reference``, or no subtraction when it is None); returns (UᵀU, Pᵀ U) for
+    ``probe`` P (n × q; None: no second Gram). ``side = "right"``: the F_k are r_k×n, the stack is
+    V = [c_1 (F_1 − X); …] (Σr_k × n); returns (V Vᵀ, P Vᵀ) for P (q × n). The ranks may differ.
+    The stack exists one block of :data:`ROW_BLOCK` rows (columns) at a time, in the inputs'
+    precision, unscaled: the c_k scale the small Grams afterwards ((c_i c_j)·G_ij), not the stack.
     """
-    dtype = np.result_type(*factors, reference)
+    dtype = np.result_type(*factors, *([] if reference is None else [reference]))
     left = side == "left"
-    r = factors[0].shape[1 if left else 0]
-    n = factors[0].shape[0 if left else 1]
-    m = r * len(factors)
-    gram, cross = np.zeros((m, m)), np.zeros((probe.shape[1 if left else 0], m))
+    sizes = [F.shape[1 if left else 0] for F in factors]
+    edges = np.concatenate([[0], np.cumsum(sizes)])
+    n, m = factors[0].shape[0 if left else 1], int(edges[-1])
+    gram = np.zeros((m, m))
+    cross = None if probe is None else np.zeros((probe.shape[1 if left else 0], m))
     buffer = np.empty((min(ROW_BLOCK, n), m) if left else (m, min(ROW_BLOCK, n)), dtype=dtype)
-    probe = np.asarray(probe, dtype=dtype)
+    probe = None if probe is None else np.asarray(probe, dtype=dtype)
     for start in range(0, n, ROW_BLOCK):
         stop = min(start + ROW_BLOCK, n)
         rows = slice(start, stop)
         block = buffer[: stop - start] if left else buffer[:, : stop - start]
-        for k, F in enumerate(factors):
-            if left:
-                np.subtract(F[rows], reference[rows], out=block[:, k * r:(k + 1) * r])
+        for F, lo, hi in zip(factors, edges[:-1], edges[1:]):
+            part, target = (F[rows], block[:, lo:hi]) if left else (F[:, rows], block[lo:hi])
+            if reference is None:
+                target[...] = part
             else:
-                np.subtract(F[:, rows], reference[:, rows], out=block[k * r:(k + 1) * r])
+                np.subtract(part, reference[rows] if left else reference[:, rows], out=target)
         gram += block.T @ block if left else block @ block.T
-        cross += probe[rows].T @ block if left else probe[:, rows] @ block.T
-    scale = np.repeat(np.asarray(coefficients, dtype=np.float64), r)
-    return gram * np.outer(scale, scale), cross * scale
+        if probe is not None:
+            cross += probe[rows].T @ block if left else probe[:, rows] @ block.T
+    scale = np.repeat(np.asarray(coefficients, dtype=np.float64), sizes)
+    return gram * np.outer(scale, scale), None if cross is None else cross * scale
 
 
 def averaging_error2(Bs: Sequence[np.ndarray], As: Sequence[np.ndarray], weights: np.ndarray, B_bar: np.ndarray,
@@ -147,9 +150,8 @@ def stack_norms2(U: np.ndarray, V_stored: np.ndarray, V_rounding: np.ndarray,
     return max(error, 0.0), max(ideal, 0.0)
 
 
-def split_norms2(U: np.ndarray, V: np.ndarray, split: int) -> tuple[float, float]:
-    """(‖U·V‖², ‖U[:, split:]·V[split:]‖²) from one pair of Grams UᵀU, VVᵀ (the second is their trailing block)."""
-    GU, GV = U.T @ U, V @ V.T
+def split_norms2(GU: np.ndarray, GV: np.ndarray, split: int) -> tuple[float, float]:
+    """(‖U·V‖², ‖U[:, split:]·V[split:]‖²) from the Grams GU = UᵀU, GV = VVᵀ (the second is their trailing block)."""
     whole = float(np.sum(GU * GV, dtype=np.float64))
     tail = float(np.sum(GU[split:, split:] * GV[split:, split:], dtype=np.float64))
     return max(whole, 0.0), max(tail, 0.0)

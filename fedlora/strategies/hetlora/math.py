@@ -8,8 +8,8 @@ import numpy as np
 
 from fedlora.adapters.lora import LORA_A, LORA_B, lora_modules
 from fedlora.adapters.state import AdapterState
-from fedlora.strategies.common import Factored, aggregate_extras, check_same_keys, ideal_factors, weighted_sum
-from fedlora.strategies.error_norms import error_ratio, gram_norm2, split_norms2
+from fedlora.strategies.common import Factored, aggregate_extras, check_same_keys, weighted_sum
+from fedlora.strategies.error_norms import difference_grams, error_ratio, gram_norm2, split_norms2
 from fedlora.strategies.traffic import Shapes
 
 
@@ -42,8 +42,9 @@ def aggregate_hetlora(states: Sequence[AdapterState], weights: np.ndarray, scale
                       global_scale: float, measure: bool = True) -> tuple[AdapterState, dict[str, float]]:
     """The new global adapter (rank R, scale ``global_scale``; float32), the extras averaged with p_k, and, when
     ``measure``, ``agg_error``: ‖s_R B̄Ā − ΔW*‖ and ‖ΔW*‖ from one pair of Grams of the stacked difference
-    [B̄, B_1 …]·[s_R Ā; −p_1 s_1 A_1; …] (:func:`fedlora.strategies.error_norms.split_norms2`), in the
-    uploads' precision (HetLoRA's error is large next to float32 rounding)."""
+    [B̄, B_1 …]·[s_R Ā; −p_1 s_1 A_1; …] (:func:`fedlora.strategies.error_norms.split_norms2`), built block
+    by block without the stack (:func:`~fedlora.strategies.error_norms.difference_grams`), in the uploads'
+    precision (HetLoRA's error is large next to float32 rounding)."""
     check_same_keys(states)
     out = aggregate_extras(states, weights, (LORA_A, LORA_B))
     errors = []
@@ -53,10 +54,10 @@ def aggregate_hetlora(states: Sequence[AdapterState], weights: np.ndarray, scale
         B_bar, A_bar = padded_average(Bs, As, w, scales, global_rank, global_scale)
         out[m + LORA_B], out[m + LORA_A] = B_bar.astype(np.float32), A_bar.astype(np.float32)
         if measure:
-            dtype = np.result_type(*Bs, *As)
-            U, V = ideal_factors([out[m + LORA_B], *Bs], [out[m + LORA_A], *As], [global_scale, *scales],
-                                 [1.0, *(-np.asarray(weights))], dtype=dtype)
-            errors.append(split_norms2(U, V, global_rank))
+            coefficients = [global_scale, *(-np.asarray(weights) * np.asarray(scales))]
+            GU, _ = difference_grams([out[m + LORA_B], *Bs], None, [1.0] * (len(Bs) + 1), None, "left")
+            GV, _ = difference_grams([out[m + LORA_A], *As], None, coefficients, None, "right")
+            errors.append(split_norms2(GU, GV, global_rank))
     ordered = {k: out[k] for k in states[0]}
     return ordered, ({"agg_error": error_ratio(errors)} if measure else {})
 
