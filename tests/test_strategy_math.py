@@ -12,7 +12,9 @@ from fedlora.adapters.lorasb import LORASB_A, LORASB_B, LORASB_R
 from fedlora.strategies.fedavg import math as fedavg_math
 from fedlora.strategies.fedsb import math as fedsb_math
 from fedlora.strategies.ffa import math as ffa_math
-from fedlora.strategies.common import aggregate_extras, client_weights, concat_factors, ideal_factors, svd_of_factors, weighted_sum
+from fedlora.strategies.common import (
+    aggregate_extras, client_weights, concat_factors, stack_product, svd_of_stack, weighted_sum,
+)
 from fedlora.strategies.error_norms import (
     averaging_error2, difference_grams, error_ratio, gram_inner, gram_norm2, rounding_error2, split_norms2, stack_norms2,
     stack_rounding,
@@ -20,7 +22,7 @@ from fedlora.strategies.error_norms import (
 from fedlora.strategies.fedavg.math import fedavg_states
 from fedlora.strategies.fedsb.math import lorasb_init, lorasb_init_states
 from fedlora.strategies.ffa.math import trainable_part
-from fedlora.adapters.stack import COEFFICIENTS, folded_state, stack_terms
+from fedlora.adapters.stack import COEFFICIENTS, folded, folded_state, stack_terms
 from fedlora.strategies.flora.math import stacked_state
 from fedlora.strategies.lorafair.math import aggregate_lorafair, lorafair_module
 
@@ -233,7 +235,7 @@ def test_flora_stack_is_exact_for_mixed_ranks():
     states, p = _lora_states(RANKS), _weights(3)
     for m in MODULES:
         Bs, As = _factors(states, m)
-        B_stack, A_stack = ideal_factors(Bs, As, SCALES, p)
+        B_stack, A_stack = folded(Bs, As, [pk * sk for pk, sk in zip(p, SCALES)])
         assert B_stack.shape == (D, sum(RANKS)) and A_stack.shape == (sum(RANKS), K)
         ideal = sum(pk * sk * B @ A for pk, sk, B, A in zip(p, SCALES, Bs, As))
         np.testing.assert_allclose(B_stack @ A_stack, ideal, atol=1e-12)
@@ -262,7 +264,7 @@ def test_flora_merge_then_fresh_lora_keeps_the_layer_output():
     """W0 x + B_stack A_stack x (the aggregated model) == (W0 + ΔW) x + s·0·A_fresh x."""
     torch.manual_seed(0)
     states, p = _lora_states(RANKS), _weights(3)
-    B_stack, A_stack = ideal_factors(*_factors(states, MODULES[0]), SCALES, p)
+    B_stack, A_stack = folded(*_factors(states, MODULES[0]), [pk * sk for pk, sk in zip(p, SCALES)])
     layer = torch.nn.Linear(K, D, dtype=torch.float64)
     x = torch.randn(5, K, dtype=torch.float64)
     with torch.no_grad():
@@ -331,11 +333,27 @@ def test_concat_stacks_adds_rounds():
         np.testing.assert_allclose(applied, total, rtol=1e-5, atol=1e-5)
 
 
+def test_svd_of_a_stack_of_mixed_ranks_and_its_products_in_blocks(monkeypatch):
+    monkeypatch.setattr("fedlora.strategies.common.ROW_BLOCK", 7)  # several blocks and a partial one
+    monkeypatch.setattr("fedlora.strategies.error_norms.ROW_BLOCK", 7)
+    rng = np.random.default_rng(12)
+    ranks, coefficients = [2, 5, 3], [0.5, -1.5, 2.0]
+    Bs, As = [rng.standard_normal((30, r)) for r in ranks], [rng.standard_normal((r, 20)) for r in ranks]
+    total = sum(c * B @ A for c, B, A in zip(coefficients, Bs, As))
+    P, sigma, Qt = svd_of_stack(Bs, As, coefficients, 4)
+    np.testing.assert_allclose(sigma, np.linalg.svd(total, compute_uv=False)[: len(sigma)], rtol=1e-10, atol=1e-10)
+    u, full_sigma, vt = np.linalg.svd(total)
+    np.testing.assert_allclose((P * sigma[:4]) @ Qt, (u[:, :4] * full_sigma[:4]) @ vt[:4], rtol=1e-9, atol=1e-9)
+    W = rng.standard_normal((sum(ranks), 3))
+    np.testing.assert_allclose(stack_product(Bs, W, "left"), np.concatenate(Bs, axis=1) @ W, rtol=1e-12)
+    np.testing.assert_allclose(stack_product(As, W.T, "right"), W.T @ np.concatenate(As, axis=0), rtol=1e-12)
+
+
 @pytest.mark.parametrize("m", [3, 40])
-def test_svd_of_factors_is_the_svd_of_the_product(m):
+def test_svd_of_one_pair_of_factors_is_the_svd_of_the_product(m):
     rng = np.random.default_rng(11)
     U, V = rng.standard_normal((30, m)), rng.standard_normal((m, 20))
-    P, sigma, Qt = svd_of_factors(U, V)
+    P, sigma, Qt = svd_of_stack([U], [V], [1.0])
     assert len(sigma) == min(30, 20, m)
     np.testing.assert_allclose(sigma, np.linalg.svd(U @ V, compute_uv=False)[: len(sigma)], rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose((P * sigma) @ Qt, U @ V, rtol=1e-10, atol=1e-10)

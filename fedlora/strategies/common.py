@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from fedlora.adapters.lora import LORA_A, LORA_B, lora_modules
-from fedlora.adapters.stack import folded
 from fedlora.adapters.state import AdapterState
+from fedlora.strategies.error_norms import ROW_BLOCK, difference_grams
 
 def client_weights(num_examples: Sequence[int], mode: str) -> np.ndarray:
     """p_k: proportional to ``num_examples`` (mode 'num-examples') or uniform; sums to 1."""
@@ -84,16 +84,6 @@ def weighted_sum(arrays: Sequence[np.ndarray], weights: np.ndarray) -> np.ndarra
 Factored = tuple[np.ndarray, np.ndarray]
 
 
-def ideal_factors(Bs: Sequence[np.ndarray], As: Sequence[np.ndarray], scales: Sequence[float],
-                  weights: np.ndarray, dtype: type = np.float64) -> Factored:
-    """ΔW* = Σ_k p_k s_k B_k A_k as factors: U = [B_1 … B_K] (d × Σr_k), V = [p_1 s_1 A_1; …; p_K s_K A_K].
-
-    Any mix of ranks; both factors written straight into arrays of ``dtype``
-    (:func:`fedlora.adapters.stack.folded` with c_k = p_k s_k).
-    """
-    return folded(Bs, As, [float(p * s) for p, s in zip(weights, scales)], dtype)
-
-
 def concat_factors(updates: Sequence[AdapterState]) -> AdapterState:
     """The sum of factored updates, per LoRA module: ``[B_1 B_2 …]·[A_1; A_2; …] = Σ_j B_j A_j``, one copy each.
 
@@ -115,36 +105,71 @@ def concat_factors(updates: Sequence[AdapterState]) -> AdapterState:
     return out
 
 
-def _gram_basis(F: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(W, √λ) of FᵀF = W diag(λ) Wᵀ (F: n×m, float64) for the eigenvalues above m·ε·λ_max, largest first:
+def stack_product(factors: Sequence[np.ndarray], W: np.ndarray, side: str) -> np.ndarray:
+    """Σ_k F_k W_k (``side = "left"``: F_k n×r_k, W = [W_1; …; W_K] of Σr_k rows; n × q) or Σ_k W_k F_k
+    (``"right"``: F_k r_k×n, W = [W_1 … W_K] of Σr_k columns; q × n), in float64.
+
+    Block by block over n (:data:`~fedlora.strategies.error_norms.ROW_BLOCK`): the K factors' block
+    is copied into one float64 buffer that stays in the CPU cache, then multiplied by W once; the
+    stack itself is never held.
+    """
+    left = side == "left"
+    sizes = [F.shape[1 if left else 0] for F in factors]
+    edges = np.concatenate([[0], np.cumsum(sizes)])
+    n = factors[0].shape[0 if left else 1]
+    out = np.empty((n, W.shape[1]) if left else (W.shape[0], n), dtype=np.float64)
+    buffer = np.empty((min(ROW_BLOCK, n), edges[-1]) if left else (edges[-1], min(ROW_BLOCK, n)), dtype=np.float64)
+    for start in range(0, n, ROW_BLOCK):
+        rows = slice(start, min(start + ROW_BLOCK, n))
+        block = buffer[: rows.stop - start] if left else buffer[:, : rows.stop - start]
+        for F, lo, hi in zip(factors, edges[:-1], edges[1:]):
+            if left:
+                block[:, lo:hi] = F[rows]
+            else:
+                block[lo:hi] = F[:, rows]
+        if left:
+            np.matmul(block, W, out=out[rows])
+        else:
+            np.matmul(W, block, out=out[:, rows])
+    return out
+
+
+def _gram_basis(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(W, √λ) of a Gram FᵀF = W diag(λ) Wᵀ (m×m, float64) for the eigenvalues above m·ε·λ_max, largest first:
     F·W·diag(1/√λ) is an orthonormal basis of F's column space, and F = that basis · diag(√λ)·Wᵀ."""
-    eigenvalues, W = np.linalg.eigh(F.T @ F)
+    eigenvalues, W = np.linalg.eigh(gram)
     order = np.argsort(eigenvalues)[::-1]
     eigenvalues, W = eigenvalues[order], W[:, order]
-    kept = eigenvalues > F.shape[1] * np.finfo(np.float64).eps * max(float(eigenvalues[0]), 0.0)
+    kept = eigenvalues > gram.shape[0] * np.finfo(np.float64).eps * max(float(eigenvalues[0]), 0.0)
     return W[:, kept], np.sqrt(eigenvalues[kept])
 
 
-def svd_of_factors(U: np.ndarray, V: np.ndarray, rank: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The SVD (P, σ, Qᵀ) of the d×k matrix U·V (U: d×m, V: m×k, m small) from the m×m Grams of its factors.
+def svd_of_stack(Bs: Sequence[np.ndarray], As: Sequence[np.ndarray], coefficients: Sequence[float],
+                 rank: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The SVD (P, σ, Qᵀ) of the d×k matrix Σ_k c_k B_k A_k = U·V, U = [B_1 … B_K], V = [c_1 A_1; …] (any
+    mix of ranks, inner size m = Σr_k small), from the m×m Grams of its factors, in float64.
 
     UᵀU = W_u Λ_u W_uᵀ and VVᵀ = W_v Λ_v W_vᵀ (:func:`_gram_basis`) give orthonormal bases
     Q_u = U W_u Λ_u^{-1/2} and Q_v = Vᵀ W_v Λ_v^{-1/2}, so U·V = Q_u C Q_vᵀ with the small core
     C = Λ_u^{1/2} W_uᵀ W_v Λ_v^{1/2}; its SVD C = X Σ Yᵀ gives P = Q_u X and Qᵀ = Yᵀ Q_vᵀ. Neither
-    U·V nor Q_u, Q_v is formed: only the first ``rank`` columns of P (rows of Qᵀ) are, as U·(W_u Λ_u^{-1/2} X)
-    and (Yᵀ Λ_v^{-1/2} W_vᵀ)·V — two Grams (d·m² + k·m²) and two thin products (2(d + k)·m·rank flops),
-    in float64. σ has min(d, k, m) entries, descending (zeros past the product's numerical rank);
-    P and Qᵀ have min(``rank`` (default: all), the numerical rank) singular vectors.
+    U·V, the stacks U, V nor Q_u, Q_v is formed: the Grams are summed block by block
+    (:func:`~fedlora.strategies.error_norms.difference_grams`) and only the first ``rank`` columns of
+    P (rows of Qᵀ) are, as U·(W_u Λ_u^{-1/2} X) and (Yᵀ Λ_v^{-1/2} W_vᵀ)·V (:func:`stack_product`) —
+    (d + k)·m² flops for the Grams and 2(d + k)·m·rank for the products. σ has min(d, k, m)
+    entries, descending (zeros past the product's numerical rank); P and Qᵀ have min(``rank``
+    (default: all), the numerical rank) singular vectors.
     """
-    U, V = np.asarray(U, dtype=np.float64), np.asarray(V, dtype=np.float64)
-    Wu, root_u = _gram_basis(U)
-    Wv, root_v = _gram_basis(V.T)
+    GU, _ = difference_grams(Bs, None, [1.0] * len(Bs), None, "left", dtype=np.float64)
+    GV, _ = difference_grams(As, None, coefficients, None, "right", dtype=np.float64)
+    Wu, root_u = _gram_basis(GU)
+    Wv, root_v = _gram_basis(GV)
     X, core_sigma, Yt = np.linalg.svd((root_u[:, None] * (Wu.T @ Wv)) * root_v, full_matrices=False)
     n = len(core_sigma) if rank is None else min(rank, len(core_sigma))
-    sigma = np.zeros(min(U.shape[0], V.shape[1], U.shape[1]))
+    sigma = np.zeros(min(np.shape(Bs[0])[0], np.shape(As[0])[1], GU.shape[0]))
     sigma[: len(core_sigma)] = core_sigma[: len(sigma)]
-    P = U @ ((Wu / root_u) @ X[:, :n])
-    Qt = (Yt[:n] @ (Wv / root_v).T) @ V
+    P = stack_product(Bs, (Wu / root_u) @ X[:, :n], "left")
+    column_scale = np.repeat(np.asarray(coefficients, dtype=np.float64), [np.shape(A)[0] for A in As])
+    Qt = stack_product(As, (Yt[:n] @ (Wv / root_v).T) * column_scale, "right")
     return P, sigma, Qt
 
 

@@ -38,7 +38,7 @@ def gram_norm2(U: np.ndarray, V: np.ndarray) -> float:
 
 
 def difference_grams(factors: Sequence[np.ndarray], reference: np.ndarray | None, coefficients: Sequence[float],
-                     probe: np.ndarray | None, side: str) -> tuple[np.ndarray, np.ndarray | None]:
+                     probe: np.ndarray | None, side: str, dtype: type | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """The Grams of a stack of scaled differences, block by block, in float64.
 
     ``side = "left"``: the factors F_k are n×r_k and the stack is U = [c_1 (F_1 − X) … c_K (F_K − X)]
@@ -46,9 +46,9 @@ def difference_grams(factors: Sequence[np.ndarray], reference: np.ndarray | None
     ``probe`` P (n × q; None: no second Gram). ``side = "right"``: the F_k are r_k×n, the stack is
     V = [c_1 (F_1 − X); …] (Σr_k × n); returns (V Vᵀ, P Vᵀ) for P (q × n). The ranks may differ.
     The stack exists one block of :data:`ROW_BLOCK` rows (columns) at a time, in the inputs'
-    precision, unscaled: the c_k scale the small Grams afterwards ((c_i c_j)·G_ij), not the stack.
+    precision (or ``dtype``), unscaled: the c_k scale the small Grams afterwards ((c_i c_j)·G_ij), not the stack.
     """
-    dtype = np.result_type(*factors, *([] if reference is None else [reference]))
+    dtype = dtype or np.result_type(*factors, *([] if reference is None else [reference]))
     left = side == "left"
     sizes = [F.shape[1 if left else 0] for F in factors]
     edges = np.concatenate([[0], np.cumsum(sizes)])

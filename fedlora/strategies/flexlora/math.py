@@ -8,7 +8,7 @@ import numpy as np
 
 from fedlora.adapters.lora import LORA_A, LORA_B, lora_modules
 from fedlora.adapters.state import AdapterState
-from fedlora.strategies.common import aggregate_extras, check_same_keys, ideal_factors, svd_of_factors
+from fedlora.strategies.common import aggregate_extras, check_same_keys, svd_of_stack
 from fedlora.strategies.traffic import Shapes
 
 
@@ -55,8 +55,8 @@ def aggregate_flexlora(states: Sequence[AdapterState], weights: np.ndarray, scal
     out = aggregate_extras(states, weights, (LORA_A, LORA_B))
     total = global_tail = client_tail = 0.0
     for m in lora_modules(states[0]):
-        U, V = ideal_factors([s[m + LORA_B] for s in states], [s[m + LORA_A] for s in states], scales, weights)
-        P, sigma, Qt = svd_of_factors(U, V, global_rank)
+        P, sigma, Qt = svd_of_stack([s[m + LORA_B] for s in states], [s[m + LORA_A] for s in states],
+                                    [float(p * s) for p, s in zip(weights, scales)], global_rank)
         B, A = truncated(P, sigma, Qt, global_rank)
         out[m + LORA_B] = (B / global_scale).astype(np.float32)
         out[m + LORA_A] = A.astype(np.float32)

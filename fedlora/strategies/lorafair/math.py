@@ -9,7 +9,7 @@ import numpy as np
 from fedlora.adapters.lora import LORA_A, LORA_B, lora_modules
 from fedlora.adapters.state import AdapterState
 from fedlora.strategies.traffic import Shapes
-from fedlora.strategies.common import aggregate_extras, check_same_keys, weighted_sum
+from fedlora.strategies.common import aggregate_extras, check_same_keys, stack_product, weighted_sum
 from fedlora.strategies.error_norms import ROW_BLOCK, averaging_error2
 
 
@@ -51,21 +51,6 @@ def mixing_matrices(cross: np.ndarray, weights: np.ndarray, inverse: np.ndarray)
     return (np.asarray(weights, dtype=np.float64)[:, None, None] * blocks).reshape(len(weights) * r, r)
 
 
-def mixed_sum(Bs: Sequence[np.ndarray], W: np.ndarray) -> np.ndarray:
-    """Σ_k B_k W_k (d×r, float64) for W = [W_1; …; W_K]: block by block over d, the K clients' rows
-    copied into one float64 (rows × Kr) buffer that stays in the CPU cache, then one product with W."""
-    (d, r), K = np.shape(Bs[0]), len(Bs)
-    out = np.empty((d, W.shape[1]), dtype=np.float64)
-    buffer = np.empty((min(ROW_BLOCK, d), K * r), dtype=np.float64)
-    for start in range(0, d, ROW_BLOCK):
-        rows = slice(start, min(start + ROW_BLOCK, d))
-        block = buffer[: rows.stop - start]
-        for i, B in enumerate(Bs):
-            block[:, i * r:(i + 1) * r] = B[rows]
-        np.matmul(block, W, out=out[rows])
-    return out
-
-
 def correct_module(Bs: Sequence[np.ndarray], As: Sequence[np.ndarray], weights: np.ndarray, lam: float,
                    measure: bool = True) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float] | None]:
     """(Ā, B̄ + ΔB*, and when ``measure`` the squared ‖ΔW − B̄Ā‖, ‖ΔW − (B̄ + ΔB*)Ā‖, ‖ΔW‖) for one module, float64.
@@ -74,7 +59,7 @@ def correct_module(Bs: Sequence[np.ndarray], As: Sequence[np.ndarray], weights: 
     ΔB* = R Āᵀ G⁻¹ = Σ_k p_k (B_k − B̄) M_k G⁻¹ with M_k = (A_k − Ā)Āᵀ; because Σ_k p_k M_k = 0
     the B̄ term vanishes and the corrected factor is one mixing product over the uploads,
 
-        B̄ + ΔB* = Σ_k B_k · p_k (I + M_k G⁻¹)        (:func:`mixing_matrices`, :func:`mixed_sum`),
+        B̄ + ΔB* = Σ_k B_k · p_k (I + M_k G⁻¹)        (:func:`mixing_matrices`, :func:`~fedlora.strategies.common.stack_product`),
 
     so the correction costs one pass over the A_k (after Ā) and one over the B_k, which also
     replaces B̄'s own pass. The norms (``measure``) come from the centred Grams of FedIT's error
@@ -83,7 +68,7 @@ def correct_module(Bs: Sequence[np.ndarray], As: Sequence[np.ndarray], weights: 
     """
     A_bar = weighted_sum(As, weights)
     inverse = ridge_inverse(A_bar, lam)
-    B_new = mixed_sum(Bs, mixing_matrices(centred_cross(As, A_bar), weights, inverse))
+    B_new = stack_product(Bs, mixing_matrices(centred_cross(As, A_bar), weights, inverse), "left")
     if not measure:
         return A_bar, B_new, None
     B_bar = weighted_sum(Bs, weights)
