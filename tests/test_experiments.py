@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from fedlora.experiments.run import main
 from fedlora.experiments.sweep import Plan, Waiting
 from fedlora.experiments.variants import matching_rank
 from fedlora.run_config import full_defaults, load_config
+from fedlora.server.rundir import TEST_FILE, RunDirectory
 from fedlora.strategies.registry import spec_of
 
 GRID = """
@@ -159,6 +161,23 @@ def test_rerun_skips_and_stale_results_are_rerun_or_marked(sweep, capsys):
     assert main([str(grid_file), "--out", str(out), "--workers", "2"]) == 0  # the stale cell reruns in a worker process
     assert "1 cells run" in capsys.readouterr().out
     assert cell_status(run_dir_of(out, cell), plan.config(cell)) == FINISHED
+
+
+def test_an_earlier_result_never_counts_for_a_rerun_that_did_not_finish(sweep, tmp_path):
+    grid_file, out = sweep
+    plan, cell = Plan(load_grid(grid_file), out), Cell("s", "fedavg", "iid", "none", 3)
+    run_dir = tmp_path / "cell"
+    shutil.copytree(run_dir_of(out, cell), run_dir)
+    config = plan.config(cell)
+    assert cell_status(run_dir, config) == FINISHED
+    RunDirectory.create(load_config({**full_defaults(), "lr": 0.5}), run_dir)  # a rerun under another config starts
+    assert not (run_dir / "summary.json").exists() and not (run_dir / TEST_FILE).exists()
+    assert cell_status(run_dir, load_config({**full_defaults(), "lr": 0.5}).to_flat()) == MISSING
+    # what code that did not clear the directory left: the new config and round 0, beside the old summary
+    shutil.copy(run_dir_of(out, cell) / "summary.json", run_dir / "summary.json")
+    (run_dir / "config.json").write_text(json.dumps(config))
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"round": 0, "eval_accuracy": 0.1}) + "\n")
+    assert cell_status(run_dir, config) == MISSING
 
 
 def test_grid_files_both_forms_and_their_errors(tmp_path):

@@ -10,7 +10,7 @@ from fedlora.experiments.report.collect import load_results
 from fedlora.experiments.report.compare import MAJORITY, compare
 from fedlora.experiments.report.results_doc import Evaluator, check, render
 from fedlora.server.rundir import RUNNING_CODE_VERSION
-from fedlora.server.testset import TEST_FILE
+from fedlora.server.rundir import TEST_FILE
 
 N, SEEDS = 400, (0, 1, 2)
 #: correct examples per method: fedavg gets the first 200 right, ffa 20 more, flora 200 but others

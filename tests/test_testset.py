@@ -11,7 +11,8 @@ from fedlora.evaluation import evaluate_rows
 from fedlora.run_config import full_defaults, load_config
 from fedlora.runtime.inprocess import run_inprocess
 from fedlora.server.rundir import RUNNING_CODE_VERSION, code_version
-from fedlora.server.testset import TEST_FILE, per_example_outputs, split_metrics
+from fedlora.server.rundir import TEST_FILE
+from fedlora.server.testset import per_example_outputs, split_metrics
 from fedlora.task import heldout_rows, load_task, server_model
 
 TINY = {"model.name": "tiny-bert", "num-server-rounds": 1, "local-steps": 2, "batch-size": 4,

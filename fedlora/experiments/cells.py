@@ -8,9 +8,11 @@ folder for a single-study grid of the older form). Besides the fedlora run direc
 
 A cell's status:
 
-* ``finished`` — ``summary.json`` exists, ``config.json`` equals the config the grid asks for
-  now, and the summary's ``code_version`` is the running code's
-  (:data:`fedlora.server.rundir.RUNNING_CODE_VERSION`);
+* ``finished`` — ``summary.json`` exists and belongs to the run in ``metrics.jsonl`` (its round
+  count and final metric are that file's last round: a summary left by an earlier run of the
+  directory, as code before the run directory cleared it could leave, does not count),
+  ``config.json`` equals the config the grid asks for now, and the summary's ``code_version``
+  is the running code's (:data:`fedlora.server.rundir.RUNNING_CODE_VERSION`);
 * ``stale`` — the same, but produced by other code (or by code that recorded no version): it is
   rerun, unless the user asks to reuse stale cells, and then every table marks it;
 * ``missing`` — anything else (never run, interrupted, or another config): it is (re)run.
@@ -24,7 +26,7 @@ from typing import Any
 
 from fedlora.experiments.grid import Cell
 from fedlora.run_config import full_defaults, load_config
-from fedlora.server.rundir import RUNNING_CODE_VERSION
+from fedlora.server.rundir import RUNNING_CODE_VERSION, SUMMARY_FILE
 
 CELL_FILE = "cell.json"
 FINISHED, STALE, MISSING = "finished", "stale", "missing"
@@ -64,9 +66,23 @@ def _read_json(path: Path) -> Any:
         return None
 
 
+def summary_of_its_run(run_dir: Path) -> dict[str, Any] | None:
+    """``summary.json`` when it summarises the run recorded in ``metrics.jsonl`` (same round count and final
+    metric as that file's last round), else None."""
+    summary = _read_json(run_dir / SUMMARY_FILE)
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+        last = json.loads(lines[-1]) if lines else {}
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(summary, dict) or last.get("round") != summary.get("rounds"):
+        return None
+    return summary if last.get(summary.get("metric")) == summary.get("final") else None
+
+
 def cell_status(run_dir: Path, config: dict[str, Any]) -> str:
     """``finished``, ``stale`` or ``missing`` (see the module docstring)."""
-    summary = _read_json(run_dir / "summary.json")
+    summary = summary_of_its_run(run_dir)
     if summary is None or _read_json(run_dir / "config.json") != config:
         return MISSING
     return FINISHED if summary.get("code_version") == RUNNING_CODE_VERSION else STALE

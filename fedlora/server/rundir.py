@@ -7,6 +7,11 @@
     <output-dir>/final_adapter/   loadable with peft.PeftModel.from_pretrained(base, path)
     <output-dir>/checkpoint.safetensors   the server state after the last complete round
                                   (see fedlora.server.checkpoint; ``resume-from`` continues from it)
+    <output-dir>/test_predictions.npz     with a test split: every test example's prediction (fedlora.server.testset)
+
+A new run in a directory that holds an earlier run's files starts by removing that run's
+results (summary.json, test_predictions.npz), so a run that does not finish never leaves an
+earlier run's result beside its own config.
 
 A relative ``output-dir`` resolves against the project directory: ``$FEDLORA_PROJECT_DIR``
 when set (``make run`` sets it), else the directory the ServerApp process runs in.
@@ -33,6 +38,8 @@ from fedlora.config import ConfigError, RunConfig
 from fedlora.server.checkpoint import CHECKPOINT_FILE, CheckpointError
 
 PROJECT_DIR_ENV = "FEDLORA_PROJECT_DIR"
+SUMMARY_FILE = "summary.json"
+TEST_FILE = "test_predictions.npz"
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 #: folders of the package that only analyse results (they never change one): left out of the code version
 ANALYSIS_ONLY = ("experiments/report",)
@@ -91,12 +98,12 @@ class RunDirectory:
 
     @classmethod
     def create(cls, cfg: RunConfig, path: Path) -> "RunDirectory":
-        """A new run in ``path`` (from :func:`resolve_output_dir`): config.json written, metrics.jsonl empty."""
+        """A new run in ``path`` (from :func:`resolve_output_dir`): an earlier run's results removed, config.json
+        written, metrics.jsonl empty."""
         path.mkdir(parents=True, exist_ok=True)
+        for earlier in (SUMMARY_FILE, TEST_FILE, "metrics.jsonl"):
+            (path / earlier).unlink(missing_ok=True)
         (path / "config.json").write_text(json.dumps(cfg.to_flat(), indent=2, sort_keys=True) + "\n")
-        metrics = path / "metrics.jsonl"
-        if metrics.exists():
-            metrics.unlink()
         return cls(path)
 
     @classmethod
@@ -156,6 +163,6 @@ class RunDirectory:
     def write_summary(self, summary: dict[str, Any]) -> None:
         """Write summary.json atomically, stamped with this process's code version and library versions."""
         stamped = {**summary, "code_version": RUNNING_CODE_VERSION, "libraries": library_versions()}
-        tmp = self.path / "summary.json.tmp"
+        tmp = self.path / (SUMMARY_FILE + ".tmp")
         tmp.write_text(json.dumps({k: _jsonable(v) for k, v in stamped.items()}, indent=2) + "\n")
-        tmp.replace(self.path / "summary.json")
+        tmp.replace(self.path / SUMMARY_FILE)

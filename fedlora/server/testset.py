@@ -39,10 +39,10 @@ from fedlora.config import RunConfig
 from fedlora.data.tokenize import collate
 from fedlora.device import autocast, autocast_dtype
 from fedlora.losses import classification_loss_per_example, token_nll
+from fedlora.server.rundir import TEST_FILE
 from fedlora.server.strategy import ServerStrategy
 from fedlora.task import Task, load_task
 
-TEST_FILE = "test_predictions.npz"
 EVAL_BATCH = 64
 
 
