@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from fedlora.experiments.baselines import run_baseline
-from fedlora.experiments.cells import FINISHED, MISSING, STALE, cell_status, expected_config, run_dir_of
+from fedlora.experiments.cells import (
+    FINISHED, MISSING, STALE, cell_status, drop_unmatched_summaries, expected_config, run_dir_of,
+)
 from fedlora.experiments.grid import Cell, GridError, load_grid
 from fedlora.experiments.lr_sweep import SweepScore, choose_lr
 from fedlora.experiments.run import main
@@ -178,6 +180,8 @@ def test_an_earlier_result_never_counts_for_a_rerun_that_did_not_finish(sweep, t
     (run_dir / "config.json").write_text(json.dumps(config))
     (run_dir / "metrics.jsonl").write_text(json.dumps({"round": 0, "eval_accuracy": 0.1}) + "\n")
     assert cell_status(run_dir, config) == MISSING
+    assert drop_unmatched_summaries(tmp_path) == [run_dir] and not (run_dir / "summary.json").exists()
+    assert drop_unmatched_summaries(out) == []  # the sweep's own cells are untouched
 
 
 def test_grid_files_both_forms_and_their_errors(tmp_path):

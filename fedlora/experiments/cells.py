@@ -21,12 +21,13 @@ A cell's status:
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from fedlora.experiments.grid import Cell
 from fedlora.run_config import full_defaults, load_config
-from fedlora.server.rundir import RUNNING_CODE_VERSION, SUMMARY_FILE
+from fedlora.server.rundir import RUNNING_CODE_VERSION, SUMMARY_FILE, TEST_FILE
 
 CELL_FILE = "cell.json"
 FINISHED, STALE, MISSING = "finished", "stale", "missing"
@@ -80,6 +81,23 @@ def summary_of_its_run(run_dir: Path) -> dict[str, Any] | None:
     return summary if last.get(summary.get("metric")) == summary.get("final") else None
 
 
+def drop_unmatched_summaries(root: Path) -> list[Path]:
+    """Remove every ``summary.json`` (and test predictions) below ``root`` that is not the summary of the run in
+    its directory's ``metrics.jsonl`` (:func:`summary_of_its_run`); the run directories it came from, sorted.
+
+    For results written by code that did not clear an earlier result when a cell reran (a suite finished with
+    its own older code): after that run is interrupted, this makes the grid rerun the cell instead of
+    taking the earlier result as its own. ``python -m fedlora.experiments.cells DIR`` runs it.
+    """
+    dropped = []
+    for summary in sorted(Path(root).rglob(SUMMARY_FILE)):
+        if summary_of_its_run(summary.parent) is None:
+            for name in (SUMMARY_FILE, TEST_FILE):
+                (summary.parent / name).unlink(missing_ok=True)
+            dropped.append(summary.parent)
+    return dropped
+
+
 def cell_status(run_dir: Path, config: dict[str, Any]) -> str:
     """``finished``, ``stale`` or ``missing`` (see the module docstring)."""
     summary = summary_of_its_run(run_dir)
@@ -94,3 +112,8 @@ def write_cell_file(run_dir: Path, cell: Cell, extra: dict[str, Any]) -> None:
     record = {"study": cell.study, "method": cell.method, "partition": cell.partition, "privacy": cell.privacy,
               "seed": cell.seed, "lr": cell.lr, "role": role, **extra}
     (run_dir / CELL_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+if __name__ == "__main__":
+    for folder in drop_unmatched_summaries(Path(sys.argv[1])):
+        print(f"dropped an earlier run's result in {folder}")
