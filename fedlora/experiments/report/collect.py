@@ -23,7 +23,7 @@ import numpy as np
 from fedlora.experiments.cells import CELL_FILE
 from fedlora.experiments.grid import BASELINES, NONE, POOLED
 from fedlora.server.rundir import RUNNING_CODE_VERSION
-from fedlora.server.rundir import TEST_FILE
+from fedlora.server.testset import TEST_FILE
 
 COLUMNS = ["study", "method", "partition", "privacy", "seed", "role", "strategy", "lr", "rank", "metric", "initial",
            "final", "final_eval_loss", "test_accuracy", "test_perplexity", "test_loss", "test_examples",
