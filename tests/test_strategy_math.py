@@ -334,8 +334,7 @@ def test_concat_stacks_adds_rounds():
 
 
 def test_svd_of_a_stack_of_mixed_ranks_and_its_products_in_blocks(monkeypatch):
-    monkeypatch.setattr("fedlora.strategies.common.ROW_BLOCK", 7)  # several blocks and a partial one
-    monkeypatch.setattr("fedlora.strategies.error_norms.ROW_BLOCK", 7)
+    monkeypatch.setattr("fedlora.strategies.error_norms.ROW_BLOCK", 7)  # several blocks and a partial one
     rng = np.random.default_rng(12)
     ranks, coefficients = [2, 5, 3], [0.5, -1.5, 2.0]
     Bs, As = [rng.standard_normal((30, r)) for r in ranks], [rng.standard_normal((r, 20)) for r in ranks]
@@ -367,7 +366,8 @@ def _objective(delta_w, B, A_bar, B_bar, lam):
 
 
 @pytest.mark.parametrize("lam", [0.0, 0.01, 1.0, 10.0])
-def test_lorafair_correction_is_the_ridge_minimiser(lam):
+def test_lorafair_correction_is_the_ridge_minimiser(lam, monkeypatch):
+    monkeypatch.setattr("fedlora.strategies.error_norms.ROW_BLOCK", 7)  # several blocks over d and k
     states, p = _lora_states([4, 4, 4], seed=3), _weights(3, seed=3)
     Bs, As = _factors(states, MODULES[0])
     A_bar, B_new, before, after = lorafair_module(Bs, As, p, lam)

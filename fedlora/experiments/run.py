@@ -15,7 +15,6 @@ naming the file, the study and the bad value; ``--debug`` adds the traceback).
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
@@ -23,8 +22,8 @@ from collections import Counter
 from pathlib import Path
 
 from fedlora.data.sources import load_task_data
-from fedlora.experiments.cells import STALE, run_dir_of
-from fedlora.experiments.grid import Grid, GridError, load_grid
+from fedlora.experiments.cells import STALE, run_dir_of, summary_of_its_run
+from fedlora.experiments.grid import Cell, Grid, GridError, load_grid
 from fedlora.experiments.report import write_report
 from fedlora.experiments.sweep import LAUNCHERS, Plan, cell_states, run_sweep
 from fedlora.run_config import full_defaults, load_config
@@ -42,13 +41,13 @@ def check_datasets(grid: Grid) -> str | None:
     return None
 
 
-def stale_notice(plan: Plan) -> str | None:
-    """One line when finished cells of this grid came from other code than the running version, else None."""
-    stale = [cell for cell, status in cell_states(plan) if status == STALE]
+def stale_notice(plan: Plan, states: list[tuple[Cell, str]]) -> str | None:
+    """One line when finished cells of this grid (``states``: :func:`cell_states`) came from other code than the
+    running version, else None."""
+    stale = [cell for cell, status in states if status == STALE]
     if not stale:
         return None
-    versions = Counter(str(json.loads((run_dir_of(plan.out, c) / "summary.json").read_text()).get("code_version"))
-                       for c in stale)
+    versions = Counter(str((summary_of_its_run(run_dir_of(plan.out, c)) or {}).get("code_version")) for c in stale)
     listed = ", ".join(f"{v} ({n})" for v, n in versions.most_common())
     what = ("are reused, marked † in every table" if plan.reuse_stale else
             "will be rerun; --reuse-stale keeps them (marked †), or run the grid from a checkout of their code "
@@ -57,10 +56,10 @@ def stale_notice(plan: Plan) -> str | None:
             f"{RUNNING_CODE_VERSION}: they {what}")
 
 
-def print_status(plan: Plan) -> None:
+def print_status(states: list[tuple[Cell, str]]) -> None:
     """One line per cell that is not finished, then the counts per study and status."""
     counts: Counter[tuple[str, str]] = Counter()
-    for cell, status in cell_states(plan):
+    for cell, status in states:
         counts[(cell.study, status.partition(":")[0])] += 1
         if status != "finished":
             print(f"{cell.label()} {status}", flush=True)
@@ -92,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out.resolve()
     plan = Plan(grid, out, reuse_stale=args.reuse_stale)
     if args.status:
-        print_status(plan)
-        notice = stale_notice(plan)
+        states = cell_states(plan)
+        print_status(states)
+        notice = stale_notice(plan, states)
         if notice:
             print(notice, flush=True)
         return 0
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copyfile(args.grid, out / "grid.toml")
     failed = []
     if not args.report_only:
-        notice = stale_notice(plan)
+        notice = stale_notice(plan, cell_states(plan))
         if notice:
             print(notice, flush=True)
         started = time.monotonic()

@@ -14,7 +14,8 @@ import numpy as np
 
 from fedlora.adapters.lora import LORA_A, LORA_B, lora_modules
 from fedlora.adapters.state import AdapterState
-from fedlora.strategies.error_norms import ROW_BLOCK, difference_grams
+from fedlora.strategies.error_norms import difference_grams, stack_blocks
+
 
 def client_weights(num_examples: Sequence[int], mode: str) -> np.ndarray:
     """p_k: proportional to ``num_examples`` (mode 'num-examples') or uniform; sums to 1."""
@@ -109,24 +110,14 @@ def stack_product(factors: Sequence[np.ndarray], W: np.ndarray, side: str) -> np
     """Σ_k F_k W_k (``side = "left"``: F_k n×r_k, W = [W_1; …; W_K] of Σr_k rows; n × q) or Σ_k W_k F_k
     (``"right"``: F_k r_k×n, W = [W_1 … W_K] of Σr_k columns; q × n), in float64.
 
-    Block by block over n (:data:`~fedlora.strategies.error_norms.ROW_BLOCK`): the K factors' block
+    Block by block over n (:func:`~fedlora.strategies.error_norms.stack_blocks`): the K factors' block
     is copied into one float64 buffer that stays in the CPU cache, then multiplied by W once; the
     stack itself is never held.
     """
     left = side == "left"
-    sizes = [F.shape[1 if left else 0] for F in factors]
-    edges = np.concatenate([[0], np.cumsum(sizes)])
     n = factors[0].shape[0 if left else 1]
     out = np.empty((n, W.shape[1]) if left else (W.shape[0], n), dtype=np.float64)
-    buffer = np.empty((min(ROW_BLOCK, n), edges[-1]) if left else (edges[-1], min(ROW_BLOCK, n)), dtype=np.float64)
-    for start in range(0, n, ROW_BLOCK):
-        rows = slice(start, min(start + ROW_BLOCK, n))
-        block = buffer[: rows.stop - start] if left else buffer[:, : rows.stop - start]
-        for F, lo, hi in zip(factors, edges[:-1], edges[1:]):
-            if left:
-                block[:, lo:hi] = F[rows]
-            else:
-                block[lo:hi] = F[:, rows]
+    for rows, block in stack_blocks(factors, side, np.float64):
         if left:
             np.matmul(block, W, out=out[rows])
         else:

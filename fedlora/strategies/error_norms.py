@@ -18,13 +18,37 @@ K·r for an error that mixes all clients, which is what ``metrics.agg-error-ever
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
-#: rows (of the long dimension d or k) per block of :func:`difference_grams`: a block of the stacked factor
+#: rows (of the long dimension d or k) per block of :func:`stack_blocks`: a block of the stacked factor
 #: (ROW_BLOCK × Σr) stays in the CPU cache and the stack itself is never held
 ROW_BLOCK = 2048
+
+
+def stack_blocks(factors: Sequence[np.ndarray], side: str, dtype: type,
+                 reference: np.ndarray | None = None) -> Iterator[tuple[slice, np.ndarray]]:
+    """The stack [F_1 − X … F_K − X] (``side = "left"``: F_k n×r_k, the stack n × Σr_k) or [F_1 − X; …]
+    (``"right"``: F_k r_k×n, the stack Σr_k × n), X = ``reference`` (no subtraction when None), one block of
+    :data:`ROW_BLOCK` rows (columns) at a time: yields (the block's slice of n, the block in ``dtype``).
+
+    Every block lives in the same reused buffer, overwritten by the next: use it before asking for the next.
+    """
+    left = side == "left"
+    edges = np.concatenate([[0], np.cumsum([F.shape[1 if left else 0] for F in factors])])
+    n = factors[0].shape[0 if left else 1]
+    buffer = np.empty((min(ROW_BLOCK, n), edges[-1]) if left else (edges[-1], min(ROW_BLOCK, n)), dtype=dtype)
+    for start in range(0, n, ROW_BLOCK):
+        rows = slice(start, min(start + ROW_BLOCK, n))
+        block = buffer[: rows.stop - start] if left else buffer[:, : rows.stop - start]
+        for F, lo, hi in zip(factors, edges[:-1], edges[1:]):
+            part, target = (F[rows], block[:, lo:hi]) if left else (F[:, rows], block[lo:hi])
+            if reference is None:
+                target[...] = part
+            else:
+                np.subtract(part, reference[rows] if left else reference[:, rows], out=target)
+        yield rows, block
 
 
 def gram_inner(Ua: np.ndarray, Va: np.ndarray, Ub: np.ndarray, Vb: np.ndarray) -> float:
@@ -45,28 +69,17 @@ def difference_grams(factors: Sequence[np.ndarray], reference: np.ndarray | None
     (n × Σr_k, X = ``reference``, or no subtraction when it is None); returns (UᵀU, Pᵀ U) for
     ``probe`` P (n × q; None: no second Gram). ``side = "right"``: the F_k are r_k×n, the stack is
     V = [c_1 (F_1 − X); …] (Σr_k × n); returns (V Vᵀ, P Vᵀ) for P (q × n). The ranks may differ.
-    The stack exists one block of :data:`ROW_BLOCK` rows (columns) at a time, in the inputs'
-    precision (or ``dtype``), unscaled: the c_k scale the small Grams afterwards ((c_i c_j)·G_ij), not the stack.
+    The stack exists one block at a time (:func:`stack_blocks`), in the inputs' precision (or ``dtype``),
+    unscaled: the c_k scale the small Grams afterwards ((c_i c_j)·G_ij), not the stack.
     """
     dtype = dtype or np.result_type(*factors, *([] if reference is None else [reference]))
     left = side == "left"
     sizes = [F.shape[1 if left else 0] for F in factors]
-    edges = np.concatenate([[0], np.cumsum(sizes)])
-    n, m = factors[0].shape[0 if left else 1], int(edges[-1])
+    m = sum(sizes)
     gram = np.zeros((m, m))
     cross = None if probe is None else np.zeros((probe.shape[1 if left else 0], m))
-    buffer = np.empty((min(ROW_BLOCK, n), m) if left else (m, min(ROW_BLOCK, n)), dtype=dtype)
     probe = None if probe is None else np.asarray(probe, dtype=dtype)
-    for start in range(0, n, ROW_BLOCK):
-        stop = min(start + ROW_BLOCK, n)
-        rows = slice(start, stop)
-        block = buffer[: stop - start] if left else buffer[:, : stop - start]
-        for F, lo, hi in zip(factors, edges[:-1], edges[1:]):
-            part, target = (F[rows], block[:, lo:hi]) if left else (F[:, rows], block[lo:hi])
-            if reference is None:
-                target[...] = part
-            else:
-                np.subtract(part, reference[rows] if left else reference[:, rows], out=target)
+    for rows, block in stack_blocks(factors, side, dtype, reference):
         gram += block.T @ block if left else block @ block.T
         if probe is not None:
             cross += probe[rows].T @ block if left else probe[:, rows] @ block.T

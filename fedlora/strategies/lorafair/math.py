@@ -10,26 +10,20 @@ from fedlora.adapters.lora import LORA_A, LORA_B, lora_modules
 from fedlora.adapters.state import AdapterState
 from fedlora.strategies.traffic import Shapes
 from fedlora.strategies.common import aggregate_extras, check_same_keys, stack_product, weighted_sum
-from fedlora.strategies.error_norms import ROW_BLOCK, averaging_error2
+from fedlora.strategies.error_norms import averaging_error2, stack_blocks
 
 
 def centred_cross(As: Sequence[np.ndarray], A_bar: np.ndarray) -> np.ndarray:
     """[(A_1 − Ā)Āᵀ; …; (A_K − Ā)Āᵀ] (Kr × r) in the uploads' precision, in one pass over the A_k.
 
-    The differences are taken first (the subtraction is where precision matters) into one
-    small buffer that is reused block by block over k (:data:`~fedlora.strategies.error_norms.ROW_BLOCK`
-    columns), each block contracted with the same columns of Ā while it is in the CPU cache.
+    The differences are taken first (the subtraction is where precision matters), block by block over
+    k (:func:`~fedlora.strategies.error_norms.stack_blocks`), each block contracted with the same
+    columns of Ā while it is in the CPU cache.
     """
     dtype = np.result_type(*As)
     A_ref = np.asarray(A_bar, dtype=dtype)
-    r, k = A_ref.shape
-    out = np.zeros((r * len(As), r), dtype=dtype)
-    buffer = np.empty((r * len(As), min(ROW_BLOCK, k)), dtype=dtype)
-    for start in range(0, k, ROW_BLOCK):
-        cols = slice(start, min(start + ROW_BLOCK, k))
-        block = buffer[:, : cols.stop - start]
-        for i, A in enumerate(As):
-            np.subtract(A[:, cols], A_ref[:, cols], out=block[i * r:(i + 1) * r])
+    out = np.zeros((A_ref.shape[0] * len(As), A_ref.shape[0]), dtype=dtype)
+    for cols, block in stack_blocks(As, "right", dtype, A_ref):
         out += block @ A_ref[:, cols].T
     return out
 
