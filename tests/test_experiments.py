@@ -13,6 +13,7 @@ from fedlora.experiments.baselines import run_baseline
 from fedlora.experiments.cells import (
     FINISHED, MISSING, STALE, cell_status, drop_unmatched_summaries, expected_config, run_dir_of,
 )
+from fedlora.experiments.cells import main as cells_main
 from fedlora.experiments.grid import Cell, GridError, load_grid
 from fedlora.experiments.lr_sweep import SweepScore, choose_lr
 from fedlora.experiments.run import main
@@ -182,6 +183,9 @@ def test_an_earlier_result_never_counts_for_a_rerun_that_did_not_finish(sweep, t
     assert cell_status(run_dir, config) == MISSING
     assert drop_unmatched_summaries(tmp_path) == [run_dir] and not (run_dir / "summary.json").exists()
     assert drop_unmatched_summaries(out) == []  # the sweep's own cells are untouched
+    with pytest.raises(SystemExit) as exited:
+        cells_main([str(tmp_path / "absent")])
+    assert exited.value.code == 2
 
 
 def test_grid_files_both_forms_and_their_errors(tmp_path):

@@ -20,6 +20,7 @@ A cell's status:
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -114,6 +115,18 @@ def write_cell_file(run_dir: Path, cell: Cell, extra: dict[str, Any]) -> None:
     (run_dir / CELL_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
-if __name__ == "__main__":
-    for folder in drop_unmatched_summaries(Path(sys.argv[1])):
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fedlora.experiments.cells DIR``: :func:`drop_unmatched_summaries` below DIR, one line per cell."""
+    parser = argparse.ArgumentParser(prog="python -m fedlora.experiments.cells",
+                                     description=drop_unmatched_summaries.__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path, help="a results directory (a grid's --out)")
+    args = parser.parse_args(argv)
+    if not args.results.is_dir():
+        parser.error(f"{args.results} is not a directory")
+    for folder in drop_unmatched_summaries(args.results):
         print(f"dropped an earlier run's result in {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
