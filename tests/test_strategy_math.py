@@ -394,6 +394,26 @@ def test_lorafair_large_lambda_is_fedit():
     np.testing.assert_allclose(after, before, rtol=1e-9)
 
 
+@pytest.mark.parametrize("spread", [1.0, 1e-3])
+def test_lorafair_on_float32_uploads_matches_float64_to_float32_precision(spread):
+    """The products over float32 uploads run in float32: B̄ + ΔB* to float32 precision of B, and the residual
+    after the correction — ΔB* is its own product — to float32 precision of ΔB*, even when ΔB* ≪ B."""
+    rng = np.random.default_rng(21)
+    A = rng.standard_normal((4, K))
+    Bs = [rng.standard_normal((D, 4)).astype(np.float32) for _ in range(3)]
+    As = [(A + spread * rng.standard_normal((4, K))).astype(np.float32) for _ in range(3)]
+    p = _weights(3, seed=21)
+    A_bar, B_new, before, after = lorafair_module(Bs, As, p, 0.01)
+    A_64, B_64, before_64, after_64 = lorafair_module([B.astype(np.float64) for B in Bs],
+                                                      [A.astype(np.float64) for A in As], p, 0.01)
+    assert B_new.dtype == np.float32 and A_bar.dtype == np.float64
+    np.testing.assert_allclose(A_bar, A_64, rtol=1e-12)
+    assert np.linalg.norm(B_new - B_64) <= 1e-6 * np.linalg.norm(B_64)
+    np.testing.assert_allclose(before, before_64, rtol=1e-5)
+    np.testing.assert_allclose(after, after_64, rtol=1e-5)
+    assert after < before
+
+
 def test_aggregate_lorafair_state_and_metrics():
     states, p = _lora_states([4, 4, 4], seed=6), _weights(3)
     out, metrics = aggregate_lorafair(states, p, 0.01)

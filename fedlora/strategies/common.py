@@ -106,18 +106,20 @@ def concat_factors(updates: Sequence[AdapterState]) -> AdapterState:
     return out
 
 
-def stack_product(factors: Sequence[np.ndarray], W: np.ndarray, side: str) -> np.ndarray:
+def stack_product(factors: Sequence[np.ndarray], W: np.ndarray, side: str, dtype: type = np.float64) -> np.ndarray:
     """Σ_k F_k W_k (``side = "left"``: F_k n×r_k, W = [W_1; …; W_K] of Σr_k rows; n × q) or Σ_k W_k F_k
-    (``"right"``: F_k r_k×n, W = [W_1 … W_K] of Σr_k columns; q × n), in float64.
+    (``"right"``: F_k r_k×n, W = [W_1 … W_K] of Σr_k columns; q × n), computed and returned in ``dtype``.
 
     Block by block over n (:func:`~fedlora.strategies.error_norms.stack_blocks`): the K factors' block
-    is copied into one float64 buffer that stays in the CPU cache, then multiplied by W once; the
-    stack itself is never held.
+    is copied into one ``dtype`` buffer that stays in the CPU cache, then multiplied by W once; the
+    stack itself is never held. In float32 the product runs at twice float64's speed and is as exact
+    as the float32 it is stored in up to the Σr_k-term sums (relative error ≲ Σr_k·ε₃₂).
     """
     left = side == "left"
     n = factors[0].shape[0 if left else 1]
-    out = np.empty((n, W.shape[1]) if left else (W.shape[0], n), dtype=np.float64)
-    for rows, block in stack_blocks(factors, side, np.float64):
+    W = np.asarray(W, dtype=dtype)
+    out = np.empty((n, W.shape[1]) if left else (W.shape[0], n), dtype=dtype)
+    for rows, block in stack_blocks(factors, side, dtype):
         if left:
             np.matmul(block, W, out=out[rows])
         else:

@@ -1,4 +1,5 @@
-"""LoRA-FAIR's ridge correction of B and its residuals, in float64 (equations: the package docstring)."""
+"""LoRA-FAIR's ridge correction of B and its residuals (equations: the package docstring): the r×r algebra and the
+norms in float64, the two products over the uploads in the uploads' precision."""
 
 from __future__ import annotations
 
@@ -38,43 +39,55 @@ def ridge_inverse(A_bar: np.ndarray, lam: float) -> np.ndarray:
     return np.linalg.inv(gram) if lam > 0 else np.linalg.pinv(gram, hermitian=True)
 
 
-def mixing_matrices(cross: np.ndarray, weights: np.ndarray, inverse: np.ndarray) -> np.ndarray:
-    """W = [W_1; …; W_K] (Kr × r, float64) with W_k = p_k (I + M_k G⁻¹), M_k = (A_k − Ā)Āᵀ (``cross``)."""
+def correction_matrices(cross: np.ndarray, weights: np.ndarray, inverse: np.ndarray) -> np.ndarray:
+    """C = [C_1; …; C_K] (Kr × r, float64) with C_k = p_k M_k G⁻¹, M_k = (A_k − Ā)Āᵀ (``cross``): ΔB* = Σ_k B_k C_k."""
     r = inverse.shape[0]
-    blocks = np.asarray(cross, dtype=np.float64).reshape(len(weights), r, r) @ inverse + np.eye(r)
+    blocks = np.asarray(cross, dtype=np.float64).reshape(len(weights), r, r) @ inverse
     return (np.asarray(weights, dtype=np.float64)[:, None, None] * blocks).reshape(len(weights) * r, r)
+
+
+def mixing_matrices(corrections: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """W = [W_1; …; W_K] with W_k = p_k I + C_k (``corrections``, :func:`correction_matrices`): B̄ + ΔB* = Σ_k B_k W_k."""
+    r = corrections.shape[1]
+    mixing = corrections.copy().reshape(len(weights), r, r)
+    mixing[:, np.arange(r), np.arange(r)] += np.asarray(weights, dtype=np.float64)[:, None]
+    return mixing.reshape(len(weights) * r, r)
 
 
 def correct_module(Bs: Sequence[np.ndarray], As: Sequence[np.ndarray], weights: np.ndarray, lam: float,
                    measure: bool = True) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float] | None]:
-    """(Ā, B̄ + ΔB*, and when ``measure`` the squared ‖ΔW − B̄Ā‖, ‖ΔW − (B̄ + ΔB*)Ā‖, ‖ΔW‖) for one module, float64.
+    """(Ā, B̄ + ΔB*, and when ``measure`` the squared ‖ΔW − B̄Ā‖, ‖ΔW − (B̄ + ΔB*)Ā‖, ‖ΔW‖) for one module: Ā and the
+    norms in float64, B̄ + ΔB* in the uploads' precision (float64 uploads: all float64).
 
     With the residual R = ΔW − B̄Ā = Σ_k p_k (B_k − B̄)(A_k − Ā) and G = ĀĀᵀ + λI,
     ΔB* = R Āᵀ G⁻¹ = Σ_k p_k (B_k − B̄) M_k G⁻¹ with M_k = (A_k − Ā)Āᵀ; because Σ_k p_k M_k = 0
     the B̄ term vanishes and the corrected factor is one mixing product over the uploads,
 
-        B̄ + ΔB* = Σ_k B_k · p_k (I + M_k G⁻¹)        (:func:`mixing_matrices`, :func:`~fedlora.strategies.common.stack_product`),
+        B̄ + ΔB* = Σ_k B_k · (p_k I + p_k M_k G⁻¹)        (:func:`mixing_matrices`, :func:`~fedlora.strategies.common.stack_product`),
 
     so the correction costs one pass over the A_k (after Ā) and one over the B_k, which also
-    replaces B̄'s own pass. The norms (``measure``) come from the centred Grams of FedIT's error
-    (:func:`fedlora.strategies.error_norms.averaging_error2`) and, as R Āᵀ = ΔB* G,
-    ‖R − ΔB* Ā‖² = ‖R‖² − tr(ΔB* (ĀĀᵀ + 2λI) ΔB*ᵀ). No d×k matrix is ever held.
+    replaces B̄'s own pass. Both are thin matrix products (2r²(d + k)K flops) that run in the uploads'
+    precision — float32 from real clients, twice float64's speed, as exact as the float32 B that is stored —
+    and B̄ + ΔB* is computed the same way whether or not the norms are asked for. The norms (``measure``)
+    come from the centred Grams of FedIT's error (:func:`fedlora.strategies.error_norms.averaging_error2`)
+    and, as R Āᵀ = ΔB* G, ‖R − ΔB* Ā‖² = ‖R‖² − tr(ΔB* (ĀĀᵀ + 2λI) ΔB*ᵀ), with ΔB* = Σ_k B_k C_k as its own
+    product (precise relative to ΔB*, not to B). No d×k matrix is ever held.
     """
     A_bar = weighted_sum(As, weights)
-    inverse = ridge_inverse(A_bar, lam)
-    B_new = stack_product(Bs, mixing_matrices(centred_cross(As, A_bar), weights, inverse), "left")
+    corrections = correction_matrices(centred_cross(As, A_bar), weights, ridge_inverse(A_bar, lam))
+    precision = np.result_type(*Bs)
+    B_new = stack_product(Bs, mixing_matrices(corrections, weights), "left", precision)
     if not measure:
         return A_bar, B_new, None
-    B_bar = weighted_sum(Bs, weights)
-    correction = B_new - B_bar
-    before2, ideal2 = averaging_error2(Bs, As, weights, B_bar, A_bar)
+    correction = stack_product(Bs, corrections, "left", precision).astype(np.float64)
+    before2, ideal2 = averaging_error2(Bs, As, weights, weighted_sum(Bs, weights), A_bar)
     reduction = float(np.sum((correction.T @ correction) * (A_bar @ A_bar.T + 2.0 * lam * np.eye(A_bar.shape[0]))))
     return A_bar, B_new, (before2, max(before2 - reduction, 0.0), ideal2)
 
 
 def lorafair_module(Bs: Sequence[np.ndarray], As: Sequence[np.ndarray], weights: np.ndarray,
                     lam: float) -> tuple[np.ndarray, np.ndarray, float, float]:
-    """(Ā, B̄ + ΔB*, ‖ΔW − B̄Ā‖_F, ‖ΔW − (B̄ + ΔB*)Ā‖_F) for one module, all in float64."""
+    """(Ā, B̄ + ΔB*, ‖ΔW − B̄Ā‖_F, ‖ΔW − (B̄ + ΔB*)Ā‖_F) for one module (:func:`correct_module`)."""
     A_bar, B_new, (before2, after2, _) = correct_module(Bs, As, weights, lam)
     return A_bar, B_new, float(np.sqrt(before2)), float(np.sqrt(after2))
 
