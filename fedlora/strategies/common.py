@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from fedlora.adapters.lora import LORA_A, LORA_B, lora_modules
 from fedlora.adapters.state import AdapterState
@@ -106,7 +107,8 @@ def concat_factors(updates: Sequence[AdapterState]) -> AdapterState:
     return out
 
 
-def stack_product(factors: Sequence[np.ndarray], W: np.ndarray, side: str, dtype: type = np.float64) -> np.ndarray:
+def stack_product(factors: Sequence[np.ndarray], W: np.ndarray, side: str,
+                  dtype: DTypeLike = np.float64) -> np.ndarray:
     """Σ_k F_k W_k (``side = "left"``: F_k n×r_k, W = [W_1; …; W_K] of Σr_k rows; n × q) or Σ_k W_k F_k
     (``"right"``: F_k r_k×n, W = [W_1 … W_K] of Σr_k columns; q × n), computed and returned in ``dtype``.
 

@@ -21,13 +21,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 #: rows (of the long dimension d or k) per block of :func:`stack_blocks`: a block of the stacked factor
 #: (ROW_BLOCK × Σr) stays in the CPU cache and the stack itself is never held
 ROW_BLOCK = 2048
 
 
-def stack_blocks(factors: Sequence[np.ndarray], side: str, dtype: type,
+def stack_blocks(factors: Sequence[np.ndarray], side: str, dtype: DTypeLike,
                  reference: np.ndarray | None = None) -> Iterator[tuple[slice, np.ndarray]]:
     """The stack [F_1 − X … F_K − X] (``side = "left"``: F_k n×r_k, the stack n × Σr_k) or [F_1 − X; …]
     (``"right"``: F_k r_k×n, the stack Σr_k × n), X = ``reference`` (no subtraction when None), one block of
@@ -62,7 +63,7 @@ def gram_norm2(U: np.ndarray, V: np.ndarray) -> float:
 
 
 def difference_grams(factors: Sequence[np.ndarray], reference: np.ndarray | None, coefficients: Sequence[float],
-                     probe: np.ndarray | None, side: str, dtype: type | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+                     probe: np.ndarray | None, side: str, dtype: DTypeLike | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """The Grams of a stack of scaled differences, block by block, in float64.
 
     ``side = "left"``: the factors F_k are n×r_k and the stack is U = [c_1 (F_1 − X) … c_K (F_K − X)]
