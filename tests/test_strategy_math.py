@@ -348,6 +348,24 @@ def test_svd_of_a_stack_of_mixed_ranks_and_its_products_in_blocks(monkeypatch):
     np.testing.assert_allclose(stack_product(As, W.T, "right"), W.T @ np.concatenate(As, axis=0), rtol=1e-12)
 
 
+def test_stack_product_reads_uploads_of_any_layout_and_precision_in_place():
+    rng = np.random.default_rng(13)
+    ranks = [2, 5, 3]
+    Bs = [rng.standard_normal((r, 30)).T for r in ranks]  # Fortran-ordered views, as no upload is
+    As = [rng.standard_normal((r, 40))[:, ::2] for r in ranks]  # strided views
+    W = rng.standard_normal((sum(ranks), 4))
+    np.testing.assert_allclose(stack_product(Bs, W, "left"), np.concatenate(Bs, axis=1) @ W, rtol=1e-12)
+    np.testing.assert_allclose(stack_product(As, W.T, "right"), W.T @ np.concatenate(As, axis=0), rtol=1e-12)
+    B32 = [np.ascontiguousarray(B, dtype=np.float32) for B in Bs]
+    exact = np.concatenate(B32, axis=1).astype(np.float64) @ W
+    in_float64 = stack_product(B32, W, "left")
+    assert in_float64.dtype == np.float64
+    np.testing.assert_allclose(in_float64, exact, rtol=1e-12)
+    in_float32 = stack_product(B32, W, "left", np.float32)
+    assert in_float32.dtype == np.float32 and in_float32.flags.c_contiguous
+    np.testing.assert_allclose(in_float32, exact, rtol=0, atol=sum(ranks) * 4e-7 * np.abs(exact).max())
+
+
 @pytest.mark.parametrize("m", [3, 40])
 def test_svd_of_one_pair_of_factors_is_the_svd_of_the_product(m):
     rng = np.random.default_rng(11)

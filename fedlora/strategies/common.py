@@ -12,10 +12,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from numpy.typing import DTypeLike
+from scipy.linalg.blas import get_blas_funcs
 
 from fedlora.adapters.lora import LORA_A, LORA_B, lora_modules
 from fedlora.adapters.state import AdapterState
-from fedlora.strategies.error_norms import difference_grams, stack_blocks
+from fedlora.strategies.error_norms import difference_grams
 
 
 def client_weights(num_examples: Sequence[int], mode: str) -> np.ndarray:
@@ -112,21 +113,26 @@ def stack_product(factors: Sequence[np.ndarray], W: np.ndarray, side: str,
     """Σ_k F_k W_k (``side = "left"``: F_k n×r_k, W = [W_1; …; W_K] of Σr_k rows; n × q) or Σ_k W_k F_k
     (``"right"``: F_k r_k×n, W = [W_1 … W_K] of Σr_k columns; q × n), computed and returned in ``dtype``.
 
-    Block by block over n (:func:`~fedlora.strategies.error_norms.stack_blocks`): the K factors' block
-    is copied into one ``dtype`` buffer that stays in the CPU cache, then multiplied by W once; the
-    stack itself is never held. In float32 the product runs at twice float64's speed and is as exact
-    as the float32 it is stored in up to the Σr_k-term sums (relative error ≲ Σr_k·ε₃₂).
+    One BLAS GEMM per factor accumulates into the result in place (β = 1): the uploads are read where
+    they lie, with neither the stack nor a per-client product ever held (a factor in another precision
+    than ``dtype`` is converted, one at a time). BLAS is column-major, so the C-ordered result is built
+    as its transpose: (Σ_k F_k W_k)ᵀ = Σ_k W_kᵀ F_kᵀ. In float32 the product runs at twice float64's
+    speed and is as exact as the float32 it is stored in up to the Σr_k-term sums (relative error ≲ Σr_k·ε₃₂).
     """
     left = side == "left"
-    n = factors[0].shape[0 if left else 1]
+    dtype = np.dtype(dtype)
     W = np.asarray(W, dtype=dtype)
-    out = np.empty((n, W.shape[1]) if left else (W.shape[0], n), dtype=dtype)
-    for rows, block in stack_blocks(factors, side, dtype):
+    gemm = get_blas_funcs("gemm", dtype=dtype)
+    n = factors[0].shape[0 if left else 1]
+    edges = np.cumsum([0] + [F.shape[1 if left else 0] for F in factors])
+    result_t = np.zeros((W.shape[1], n) if left else (n, W.shape[0]), dtype=dtype, order="F")
+    for F, lo, hi in zip(factors, edges[:-1], edges[1:]):
+        F_t = np.asarray(F, dtype=dtype).T
         if left:
-            np.matmul(block, W, out=out[rows])
+            result_t = gemm(1.0, W[lo:hi].T, F_t, beta=1.0, c=result_t, overwrite_c=True)
         else:
-            np.matmul(W, block, out=out[:, rows])
-    return out
+            result_t = gemm(1.0, F_t, W[:, lo:hi].T, beta=1.0, c=result_t, overwrite_c=True)
+    return result_t.T
 
 
 def _gram_basis(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
