@@ -16,7 +16,8 @@ strategy, on the same replies:
   the memory-bandwidth floor of anything that looks at every input.
 
 Times are the median of ``--repeats`` rounds that run every case in turn (fedlora on a fresh
-copy of the server made before the clock starts), after one untimed warm-up round; memory is
+copy of the server made before the clock starts), after one untimed warm-up round; each ratio
+is the median of the ratios taken within a round (:func:`paired_ratio`); memory is
 the tracemalloc peak of one more run above what existed before it (replies and the server's
 own state included in neither; fedlora's is the larger of agg_error on and off). Flower's
 per-round INFO lines are silenced.
@@ -139,9 +140,9 @@ def one_pass(replies: list[Message]) -> float:
 Timed = tuple[Callable[[object], object], Callable[[], object]]
 
 
-def interleaved(cases: dict[str, Timed], repeats: int) -> dict[str, float]:
-    """Median seconds of each case's ``fn(setup())`` over ``repeats`` rounds that run every case in turn (after one
-    untimed warm-up round), so a slow spell of the machine hits every case alike; ``setup`` is not timed."""
+def interleaved(cases: dict[str, Timed], repeats: int) -> dict[str, list[float]]:
+    """Seconds of each case's ``fn(setup())`` in each of ``repeats`` rounds that run every case in turn (after one
+    untimed warm-up round), so a slow spell of the machine hits every case of a round alike; ``setup`` is not timed."""
     times: dict[str, list[float]] = {name: [] for name in cases}
     for repeat in range(repeats + 1):
         for name, (fn, setup) in cases.items():
@@ -150,7 +151,13 @@ def interleaved(cases: dict[str, Timed], repeats: int) -> dict[str, float]:
             fn(argument)
             if repeat:
                 times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
+
+
+def paired_ratio(numerator: list[float], *denominator: list[float]) -> float:
+    """The median over rounds of ``numerator / sum(denominator)`` taken within each round (cases of one round ran
+    back to back): steadier than a ratio of medians when the machine's speed drifts between rounds."""
+    return statistics.median(n / sum(d) for n, *d in zip(numerator, *denominator))
 
 
 def traced_peak(fn: Callable[[object], object], setup: Callable[[], object] = lambda: None) -> float:
@@ -179,12 +186,12 @@ def strategy_rows(strategies: list[str], layers: int, clients: int, rank: int, r
                  "pass": ((lambda _: one_pass(replies)), lambda: None),
                  "on": fedlora_case(name, adapter, rank, 1, messages, replies),
                  "off": fedlora_case(name, adapter, rank, 0, messages, replies)}
-        seconds = interleaved(cases, repeats)
-        flower_s, pass_s = seconds["flower"], seconds["pass"]
+        times = interleaved(cases, repeats)
+        flower_s, pass_s = statistics.median(times["flower"]), statistics.median(times["pass"])
         cells = []
         for every in ("on", "off"):
-            cells += [f"{1e3 * seconds[every]:,.0f}", f"{seconds[every] / flower_s:.2f}x",
-                      f"{seconds[every] / (flower_s + pass_s):.2f}x"]
+            cells += [f"{1e3 * statistics.median(times[every]):,.0f}", f"{paired_ratio(times[every], times['flower']):.2f}x",
+                      f"{paired_ratio(times[every], times['flower'], times['pass']):.2f}x"]
         peak = max(traced_peak(*cases["on"]), traced_peak(*cases["off"]))
         flower_mib = traced_peak(*cases["flower"])
         rows.append([name, *cells, f"{1e3 * flower_s:,.0f}", f"{1e3 * pass_s:,.0f}", f"{peak:,.0f}", f"{flower_mib:,.0f}",
@@ -199,10 +206,10 @@ def growth_rows(repeats: int) -> list[list[object]]:
         for rank in (4, 16, 64):
             adapter = adapter_shapes(1, rank)
             messages, replies = replies_for("fedavg", adapter, clients, rank)
-            seconds = interleaved({"off": fedlora_case("fedavg", adapter, rank, 0, messages, replies),
+            times = interleaved({"off": fedlora_case("fedavg", adapter, rank, 0, messages, replies),
                                    "on": fedlora_case("fedavg", adapter, rank, 1, messages, replies),
                                    "flower": ((lambda _: flower_round(replies)), lambda: None)}, repeats)
-            rows.append([clients, rank, *(f"{1e3 * seconds[case]:,.1f}" for case in ("off", "on", "flower"))])
+            rows.append([clients, rank, *(f"{1e3 * statistics.median(times[case]):,.1f}" for case in ("off", "on", "flower"))])
             print(f"growth K={clients} r={rank}: done", flush=True)
     return rows
 
@@ -231,8 +238,8 @@ def report(args: argparse.Namespace) -> None:
     strategies = names() if args.strategies == "all" else args.strategies.split(",")
     rows = strategy_rows(strategies, args.layers, args.clients, args.rank, args.repeats)
     print(f"{2 * args.layers} modules (q_proj, v_proj of {args.layers} layers, d = k = {D}), r = {args.rank}, "
-          f"K = {args.clients} clients, float32, median of {args.repeats} interleaved rounds; ratios against Flower's FedAvg on the same "
-          f"replies, and against FedAvg plus one pass over the inputs")
+          f"K = {args.clients} clients, float32, median of {args.repeats} interleaved rounds; ratios (the median of each round's "
+          f"own ratio) against Flower's FedAvg on the same replies, and against FedAvg plus one pass over the inputs")
     print(markdown_table(
         ["strategy", "fedlora ms (agg_error on)", "× Flower", "× Flower + pass", "fedlora ms (agg_error off)", "× Flower",
          "× Flower + pass", "Flower FedAvg ms", "one pass ms", "fedlora peak MiB", "Flower peak MiB", "peak ×"], rows))

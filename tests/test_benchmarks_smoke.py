@@ -23,6 +23,12 @@ def test_server_round_runs_every_strategy_on_small_replies(capsys: pytest.Captur
     assert {row.split(" | ")[0].removeprefix("| ") for row in rows} >= {"fedavg", "ffa", "fedsb", "flora", "lorafair"}
 
 
+def test_server_round_ratios_are_taken_within_each_round() -> None:
+    # the machine slows down in round 2 for the denominator only, in round 3 for both: a ratio of medians says 3×
+    assert server_round.paired_ratio([1.0, 3.0, 9.0], [1.0, 1.0, 9.0]) == 1.0
+    assert server_round.paired_ratio([2.0, 4.0, 9.0], [1.0, 1.0, 2.0], [1.0, 1.0, 1.0]) == 2.0
+
+
 def test_bytes_measured_minus_payload_is_framing_only(capsys: pytest.CaptureFixture[str]) -> None:
     bytes_per_round.main(["--models", "tiny-bert", "--strategies", "ffa"])
     rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny-bert")]
