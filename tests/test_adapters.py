@@ -102,3 +102,7 @@ def test_packing_writes_exactly_what_flower_writes():
         packed, flower = to_record({"x": value})["x"], Array(np.ascontiguousarray(value, dtype=np.float32))
         assert (packed.data, packed.shape, packed.dtype, packed.stype) == (flower.data, flower.shape, flower.dtype,
                                                                              flower.stype)
+    state = {"b": rng.standard_normal((4, 3)).astype(np.float32), "a": rng.standard_normal(5).astype(np.float32)}
+    record = to_record(state)
+    assert list(record) == ["b", "a"]
+    assert record.object_id == ArrayRecord({k: Array(v) for k, v in state.items()}).object_id
