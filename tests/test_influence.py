@@ -39,6 +39,17 @@ def test_norm_ratios_compare_each_update_with_the_median_of_the_others():
     assert norm_ratios(np.array([0.0, 0.0, 1.0]))[2] == np.inf
 
 
+@pytest.mark.parametrize("size", [2, 3, 4, 5, 10, 11])
+def test_norm_ratios_equal_each_leave_one_out_median_with_ties_and_zeros(size):
+    rng = np.random.default_rng(size)
+    for norms in (rng.random(size) * 10, rng.choice([0.0, 1.0, 2.5, 4.0], size), np.zeros(size)):
+        expected = []
+        for k in range(size):
+            median = np.median(np.delete(norms, k))
+            expected.append(norms[k] / median if median > 0 else (np.inf if norms[k] > 0 else 1.0))
+        np.testing.assert_array_equal(norm_ratios(norms), expected)
+
+
 def update_norm(upload, reference) -> float:
     """‖upload − reference‖ as validation measures it: no same-shaped reference counts as zero."""
     shapes = {k: v.shape for k, v in upload.items()}

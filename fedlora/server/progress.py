@@ -18,12 +18,13 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from flwr.app import Message, MessageType
+from flwr.app import ConfigRecord, Message, MessageType, MetricRecord
 
 from fedlora.protocol import (
     CONFIG, METRICS, NUM_EXAMPLES, PARTITION_ID, PHASE, REFUSED, SERVER_ROUND, SETUP, STATUS, STEPS, TRAIN_LOSS,
     TRAIN_SECONDS,
 )
+from fedlora.server.round import reply_record
 
 #: seconds between "still out" lines while replies are outstanding
 PROGRESS_SECONDS = 15.0
@@ -35,7 +36,7 @@ MAX_NAMED = 8
 
 def exchange_label(message: Message) -> str:
     """``round N``, ``round N evaluation`` or ``round 0 setup``: what a batch of messages is for."""
-    config = message.content[CONFIG] if CONFIG in message.content.config_records else {}
+    config = reply_record(message.content, CONFIG, ConfigRecord) or {}
     label = f"round {int(config.get(SERVER_ROUND, 0))}"
     if config.get(PHASE) == SETUP:
         return label + " setup"
@@ -57,9 +58,10 @@ def describe_reply(reply: Message, steps: int) -> str:
     if reply.has_error():
         return "failed: " + (error_reason(reply.error.reason) or "no reason given")
     content = reply.content
-    if STATUS in content.config_records and REFUSED in content[STATUS]:
-        return f"refused: {content[STATUS][REFUSED]}"
-    metrics = content[METRICS] if METRICS in content.metric_records else {}
+    status = reply_record(content, STATUS, ConfigRecord)
+    if status is not None and REFUSED in status:
+        return f"refused: {status[REFUSED]}"
+    metrics = reply_record(content, METRICS, MetricRecord) or {}
     taken = int(metrics.get(STEPS, steps))
     trained = f" in {float(metrics[TRAIN_SECONDS]):.1f} s of its own" if TRAIN_SECONDS in metrics else ""
     facts = [f"train_loss={float(metrics[TRAIN_LOSS]):.4g} after {taken} local steps{trained}"] if TRAIN_LOSS in metrics else []
@@ -87,7 +89,7 @@ class ReplyProgress:
         node = self.pending.pop(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
         if self.total > MAX_REPLY_LINES:
             return
-        metrics = reply.content[METRICS] if not reply.has_error() and METRICS in reply.content.metric_records else {}
+        metrics = (reply_record(reply.content, METRICS, MetricRecord) if not reply.has_error() else None) or {}
         who = f"node {node}" + (f" (partition {int(metrics[PARTITION_ID])})" if PARTITION_ID in metrics else "")
         details = describe_reply(reply, self.steps)
         out = f"; {len(self.pending)} of {self.total} out" if self.pending else ""

@@ -8,12 +8,22 @@ reason — so nothing about a round lives in temporaries on a strategy.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
-from flwr.app import Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedlora.adapters.state import AdapterState
 from fedlora.protocol import EPSILON
+
+Kind = TypeVar("Kind", ArrayRecord, ConfigRecord, MetricRecord)
+
+
+def reply_record(content: RecordDict, name: str, kind: type[Kind]) -> Kind | None:
+    """The record ``name`` of a message's content if it is a ``kind``, else None: one lookup, where Flower's
+    ``content.metric_records`` (and its siblings) build a filtered copy of every record on each access."""
+    record = content.get(name)
+    return record if isinstance(record, kind) else None
 
 
 @dataclass

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from threadpoolctl import ThreadpoolController
@@ -41,7 +41,7 @@ from fedlora.server.checkpoint import Checkpoint, write_checkpoint
 from fedlora.server.influence import capped_shares, norm_ratios, scaled_update
 from fedlora.server.progress import PROGRESS_SECONDS, ReplyProgress, error_reason, exchange_label
 from fedlora.server.report import RoundReporter
-from fedlora.server.round import ClientUpdate, Round
+from fedlora.server.round import ClientUpdate, Round, reply_record
 from fedlora.server.strategy import ServerStrategy
 from fedlora.server.validation import InvalidUpdate, Shapes, num_examples_of, validate_upload
 from fedlora.strategies.common import client_weights
@@ -174,7 +174,8 @@ class RoundLoop:
 
     def _lateness(self, sent: Round, reply: Message) -> str | None:
         """Why a reply counts as late: it reports a simulated delay that puts it past round-timeout."""
-        delay = float(reply.content[METRICS].get(SIMULATED_DELAY, 0.0)) if METRICS in reply.content.metric_records else 0.0
+        metrics = reply_record(reply.content, METRICS, MetricRecord)
+        delay = float(metrics.get(SIMULATED_DELAY, 0.0)) if metrics is not None else 0.0
         arrived = time.monotonic() - sent.sent_at + delay
         if delay and arrived > self.cfg.round_timeout:
             return f"reply arrived past round-timeout = {self.cfg.round_timeout:g} s (simulated delay {delay:g} s; late, discarded)"
@@ -182,14 +183,14 @@ class RoundLoop:
 
     def _parse(self, sent: Round, reply: Message, expected: Expected, reference: AdapterState) -> ClientUpdate:
         """The reply as a validated :class:`ClientUpdate`; :class:`InvalidUpdate` says why it is not usable."""
-        content = reply.content
-        if METRICS not in content.metric_records or ARRAYS not in content.array_records:
+        record, arrays = reply_record(reply.content, METRICS, MetricRecord), reply_record(reply.content, ARRAYS, ArrayRecord)
+        if record is None or arrays is None:
             raise InvalidUpdate(f"reply lacks its {METRICS!r} or {ARRAYS!r} record")
-        metrics = dict(content[METRICS])
+        metrics = dict(record)
         update = ClientUpdate(
             node_id=sent.node_of(reply),
             partition_id=int(metrics.get(PARTITION_ID, -1)),
-            state=from_record(content[ARRAYS]),
+            state=from_record(arrays),
             num_examples=num_examples_of(metrics),
             metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
         )
@@ -206,13 +207,14 @@ class RoundLoop:
             if reply.has_error():
                 sent.rejected.append(f"node {node}: {error_reason(reply.error.reason)}")
                 continue
-            if STATUS in reply.content.config_records and REFUSED in reply.content[STATUS]:
-                sent.rejected.append(f"node {node} refused: {reply.content[STATUS][REFUSED]}")
-                sent.refused_epsilons.append(float(reply.content[METRICS].get(EPSILON, 0.0)))
+            status, metrics = reply_record(reply.content, STATUS, ConfigRecord), reply_record(reply.content, METRICS, MetricRecord)
+            if status is not None and REFUSED in status:
+                sent.rejected.append(f"node {node} refused: {status[REFUSED]}")
+                sent.refused_epsilons.append(float(metrics.get(EPSILON, 0.0)) if metrics is not None else 0.0)
                 continue
             source = f"node {node}"
-            if METRICS in reply.content.metric_records and PARTITION_ID in reply.content[METRICS]:
-                source += f" (partition {int(reply.content[METRICS][PARTITION_ID])})"
+            if metrics is not None and PARTITION_ID in metrics:
+                source += f" (partition {int(metrics[PARTITION_ID])})"
             late = self._lateness(sent, reply)
             if late:
                 sent.rejected.append(f"{source}: {late}")
