@@ -24,7 +24,7 @@ from fedlora.strategies.fedsb.math import lorasb_init, lorasb_init_states
 from fedlora.strategies.ffa.math import trainable_part
 from fedlora.adapters.stack import COEFFICIENTS, folded, folded_state, stack_terms
 from fedlora.strategies.flora.math import stacked_state
-from fedlora.strategies.lorafair.math import aggregate_lorafair, lorafair_module
+from fedlora.strategies.lorafair.math import aggregate_lorafair, correct_module, lorafair_module
 
 D, K = 12, 10
 MODULES = ["base_model.model.enc.0.query", "base_model.model.enc.0.value"]
@@ -430,6 +430,18 @@ def test_lorafair_on_float32_uploads_matches_float64_to_float32_precision(spread
     np.testing.assert_allclose(before, before_64, rtol=1e-5)
     np.testing.assert_allclose(after, after_64, rtol=1e-5)
     assert after < before
+
+
+@pytest.mark.parametrize("clients, rank, d", [(10, 16, 4096), (3, 8, 1000), (50, 64, 512)])
+def test_lorafair_adapter_is_bit_for_bit_the_same_with_the_metric_on_or_off(clients, rank, d):
+    """At shapes where BLAS picks other kernels for other product widths (the tiny end-to-end runs do not)."""
+    rng = np.random.default_rng(clients)
+    As = [rng.standard_normal((rank, d)).astype(np.float32) for _ in range(clients)]
+    Bs = [rng.standard_normal((d, rank)).astype(np.float32) for _ in range(clients)]
+    p = _weights(clients, seed=clients)
+    off, on = correct_module(Bs, As, p, 0.01, measure=False), correct_module(Bs, As, p, 0.01, measure=True)
+    np.testing.assert_array_equal(off[0], on[0])
+    np.testing.assert_array_equal(off[1], on[1])
 
 
 def test_aggregate_lorafair_state_and_metrics():
