@@ -95,6 +95,41 @@ def test_invalid_uploads_are_rejected_with_their_reason(state, fragment):
     assert fragment in str(err.value)
 
 
+def test_malformed_replies_are_recorded_and_the_valid_one_is_kept(monkeypatch):
+    """Replies missing their records, or refusing without a metrics record, are rejected with their reason."""
+    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+    from fedlora.adapters.transport import to_record
+    from fedlora.protocol import ARRAYS, CONFIG, NUM_EXAMPLES, PARTITION_ID, REFUSED, SERVER_ROUND, STATUS
+    from fedlora.run_config import full_defaults, load_config
+    from fedlora.server.round import Round
+
+    for field in ("_run_id", "_node_id", "_task_id"):  # Messages are made as the server app of run 1 makes them
+        monkeypatch.setattr(TaskIdentity, field, 1)
+    cfg = load_config({**full_defaults(), "strategy": "fedavg"})
+    loop = RoundLoop(spec_of("fedavg").server_class()(cfg, dict(GOOD)), cfg, evaluate=dict, reporter=None,
+                     checkpoint=None)
+    contents = {1: {ARRAYS: to_record(GOOD), METRICS: MetricRecord({NUM_EXAMPLES: 5, PARTITION_ID: 0})},
+                2: {ARRAYS: to_record(GOOD)},
+                3: {STATUS: ConfigRecord({REFUSED: "privacy budget spent"})},
+                4: {METRICS: MetricRecord({NUM_EXAMPLES: 5, PARTITION_ID: 3})}}
+    messages, replies = [], []
+    for node, content in contents.items():
+        message = Message(RecordDict({CONFIG: ConfigRecord({SERVER_ROUND: 1})}), dst_node_id=node,
+                          message_type=MessageType.TRAIN)
+        message.metadata.__dict__["_message_id"] = f"m{node}"
+        messages.append(message)
+        replies.append(Message(RecordDict(content), reply_to=message))
+    sent = Round(1, list(contents), len(contents), 0, 0.0,
+                 destinations={m.metadata.message_id: m.metadata.dst_node_id for m in messages})
+    done = loop.collect(sent, replies, lambda update: SHAPES, {})
+    assert [u.node_id for u in done.updates] == [1]
+    assert done.rejected == ["node 2 rejected: reply lacks its 'metrics' or 'arrays' record",
+                             "node 3 refused: privacy budget spent",
+                             "node 4 (partition 3) rejected: reply lacks its 'metrics' or 'arrays' record"]
+    assert done.refused_epsilons == [0.0]
+
+
 @pytest.mark.parametrize("value, fragment", [(0, "not > 0"), (-3, "not > 0"), (None, "not an integer"),
                                              (2.5, "not an integer"), ("7", "not an integer")])
 def test_num_examples_must_be_a_positive_integer(value, fragment):
