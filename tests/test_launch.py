@@ -68,6 +68,40 @@ def test_sigterm_stops_every_process_of_the_launch(tmp_path):
         stop_marked(TAG, tag)
 
 
+#: a process that, like Ray's raylet, starts a successor when it is told to stop (``generations`` times), and one that
+#: ignores SIGTERM altogether
+RESPAWNING = """
+import os, signal, subprocess, sys, time
+left = int(sys.argv[1])
+def successor(*_):
+    if left:
+        subprocess.Popen([sys.executable, "-c", sys.argv[2], str(left - 1), sys.argv[2]])
+    os._exit(0)
+signal.signal(signal.SIGTERM, successor if left >= 0 else signal.SIG_IGN)
+print("ready", flush=True)
+while True:
+    time.sleep(0.05)
+"""
+
+
+def test_stopping_sweeps_until_no_marked_process_is_left():
+    tag = uuid.uuid4().hex
+    env = {**os.environ, TAG: tag}
+    started = [subprocess.Popen([sys.executable, "-c", RESPAWNING, str(generations), RESPAWNING], env=env,
+                                stdout=subprocess.PIPE, text=True) for generations in (5, -1)]
+    try:
+        for proc in started:
+            assert proc.stdout.readline() == "ready\n"
+        assert stop_marked(TAG, tag, grace=1.0, timeout=60.0) == []
+        assert marked_processes(TAG, tag) == []
+    finally:
+        for proc in started:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=10)
+        stop_marked(TAG, tag, grace=0.1, timeout=5.0)
+
+
 def test_a_superlink_that_does_not_come_up_is_reported_with_its_logs_kept(tmp_path):
     home = tmp_path / "home"
     result = run_simulation({"model.name": "tiny-bert"}, flwr_home=home, superlink_timeout=0.05, echo=False)

@@ -175,7 +175,9 @@ def run_simulation(overrides: dict[str, Any] | None = None, *, num_supernodes: i
                 if run_id is not None:
                     status, details = run_status(run_id, env, project_dir)
     finally:
-        stop_marked(MARKER, marker)
+        left = stop_marked(MARKER, marker)
+        if left:
+            _error(f"{len(left)} process(es) of the launch still running after SIGKILL: pid {', '.join(map(str, left))}")
     dirs = re.findall(r"\[fedlora\] run directory: (\S+)", output)
     run_dir = Path(dirs[-1]) if dirs else None
     kept = log_path
@@ -237,7 +239,7 @@ def main(argv: list[str] | None = None, prog: str = "fedlora run") -> int:
                                     timeout=args.timeout or None, verbose=args.verbose or args.debug,
                                     superlink_timeout=args.superlink_timeout, ray_address=args.ray_address)
     except Interrupted as stop:
-        _error(f"stopped by {stop}; every process of the launch was stopped")
+        _error(f"stopped by {stop}")
         return 128 + stop.signum
     print(f"[fedlora] run {result.run_id} status: {result.status}", flush=True)
     print(f"[fedlora] run directory: {result.run_dir}", flush=True)

@@ -5,7 +5,7 @@ its GCS server, raylet and workers: none of them stays in the launcher's process
 they all keep is their environment. The launcher gives its children one marker variable
 (:data:`MARKER`, a random value per launch); every descendant inherits it, so
 :func:`marked_processes` finds them by scanning ``/proc/<pid>/environ`` and
-:func:`stop_marked` stops them (SIGTERM, then SIGKILL after a grace period).
+:func:`stop_marked` stops them (SIGTERM, then SIGKILL after a grace period, sweeping again until none is left).
 
 :func:`interruptible` turns SIGTERM and SIGINT into :class:`Interrupted`, so the launcher's
 ``finally`` blocks run and clean up before it exits.
@@ -57,24 +57,35 @@ def marked_processes(name: str, value: str) -> list[int]:
     return sorted(found)
 
 
-def stop_marked(name: str, value: str, grace: float = 10.0, sweeps: int = 3) -> None:
-    """Stop every process marked ``name=value``: SIGTERM, up to ``grace`` seconds, then SIGKILL.
+def stop_marked(name: str, value: str, grace: float = 10.0, timeout: float = 90.0) -> list[int]:
+    """Stop every process marked ``name=value``: SIGTERM, up to ``grace`` seconds, then SIGKILL; the processes
+    still alive afterwards (empty when every one stopped).
 
-    Repeated up to ``sweeps`` times, since a process may start another one while it stops (Ray).
+    A process may start another while it stops (Ray's raylet restarts its agents), so the sweep repeats
+    until two scans a moment apart find no marked process — once none is alive, none can start one — or
+    ``timeout`` seconds have passed.
     """
-    for _ in range(sweeps):
+    deadline = time.monotonic() + timeout
+    empty_scans = 0
+    while time.monotonic() < deadline:
         pids = marked_processes(name, value)
         if not pids:
-            return
+            empty_scans += 1
+            if empty_scans == 2:
+                return []
+            time.sleep(0.2)
+            continue
+        empty_scans = 0
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, sig)
-            deadline = time.monotonic() + grace
-            while (pids := [p for p in pids if _alive(p)]) and time.monotonic() < deadline:
+            signal_deadline = min(time.monotonic() + grace, deadline)
+            while (pids := [p for p in pids if _alive(p)]) and time.monotonic() < signal_deadline:
                 time.sleep(0.1)
             if not pids:
                 break
+    return marked_processes(name, value)
 
 
 @contextlib.contextmanager
