@@ -40,7 +40,7 @@ Comparisons = dict[tuple[str, str, str], Comparison]
 def _grid(count: int) -> tuple[plt.Figure, list[plt.Axes]]:
     cols = min(count, 4)
     rows = math.ceil(count / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.3 * cols, 3.3 * rows + 0.9), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.3 * cols, 3.3 * rows + 0.4), squeeze=False)
     flat = [ax for row in axes for ax in row]
     for ax in flat[count:]:
         ax.set_visible(False)
@@ -58,8 +58,10 @@ def _save(fig: plt.Figure, axes: list[plt.Axes], path: Path, title: str) -> None
         for handle, label in zip(*ax.get_legend_handles_labels()):
             labels.setdefault(label, handle)
     columns = max(2, min(len(labels), int(fig.get_figwidth() / 1.6)))
+    legend_inches = 0.2 * math.ceil(len(labels) / columns) + 0.25
+    fig.set_figheight(fig.get_figheight() + legend_inches)  # the legend gets its own room; the axes keep their size
     fig.legend(list(labels.values()), list(labels), loc="lower center", ncol=columns, fontsize=7)
-    bottom = (0.2 * math.ceil(len(labels) / columns) + 0.25) / fig.get_figheight()
+    bottom = legend_inches / fig.get_figheight()
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, bottom, 1, 0.97))
     fig.savefig(path, dpi=100)
