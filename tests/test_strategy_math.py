@@ -333,8 +333,8 @@ def test_concat_stacks_adds_rounds():
         np.testing.assert_allclose(applied, total, rtol=1e-5, atol=1e-5)
 
 
-def test_svd_of_a_stack_of_mixed_ranks_and_its_products_in_blocks(monkeypatch):
-    monkeypatch.setattr("fedlora.strategies.error_norms.ROW_BLOCK", 7)  # several blocks and a partial one
+def test_svd_of_a_stack_of_mixed_ranks_from_grams_in_blocks_and_its_products(monkeypatch):
+    monkeypatch.setattr("fedlora.strategies.error_norms.ROW_BLOCK", 7)  # the Grams in several blocks and a partial one
     rng = np.random.default_rng(12)
     ranks, coefficients = [2, 5, 3], [0.5, -1.5, 2.0]
     Bs, As = [rng.standard_normal((30, r)) for r in ranks], [rng.standard_normal((r, 20)) for r in ranks]
