@@ -17,7 +17,7 @@ from fedlora.strategies.common import (
 )
 from fedlora.strategies.error_norms import (
     averaging_error2, difference_grams, error_ratio, gram_inner, gram_norm2, rounding_error2, split_norms2, stack_norms2,
-    stack_rounding,
+    stack_blocks, stack_rounding,
 )
 from fedlora.strategies.fedavg.math import fedavg_states
 from fedlora.strategies.fedsb.math import lorasb_init, lorasb_init_states
@@ -105,8 +105,9 @@ def test_averaging_error_of_float32_uploads_keeps_its_precision_when_clients_nea
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_difference_grams_are_the_grams_of_the_scaled_difference_stack(side, monkeypatch):
-    monkeypatch.setattr("fedlora.strategies.error_norms.ROW_BLOCK", 5)  # several blocks and a partial one
+@pytest.mark.parametrize("limit, value", [("ROW_BLOCK", 5), ("BLOCK_BYTES", 5 * 9 * 8 + 7)])
+def test_difference_grams_are_the_grams_of_the_scaled_difference_stack(side, limit, value, monkeypatch):
+    monkeypatch.setattr(f"fedlora.strategies.error_norms.{limit}", value)  # blocks of 5 rows (9 wide), a partial one
     rng = np.random.default_rng(6)
     shape = (D, 3) if side == "left" else (3, D)
     factors, reference = [rng.standard_normal(shape) for _ in range(3)], rng.standard_normal(shape)
@@ -120,6 +121,14 @@ def test_difference_grams_are_the_grams_of_the_scaled_difference_stack(side, mon
     else:
         np.testing.assert_allclose(gram, stack @ stack.T, rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(cross, probe @ stack.T, rtol=1e-12, atol=1e-12)
+
+
+def test_stack_blocks_hold_as_many_rows_as_block_bytes_allow(monkeypatch):
+    factors = [np.ones((D, 3), dtype=np.float32) for _ in range(3)]  # 9 columns of 4 bytes: 36 bytes a row
+    monkeypatch.setattr("fedlora.strategies.error_norms.BLOCK_BYTES", 5 * 36 + 35)
+    assert [(rows.start, rows.stop) for rows, _ in stack_blocks(factors, "left", np.float32)] == [(0, 5), (5, 10), (10, 12)]
+    monkeypatch.setattr("fedlora.strategies.error_norms.BLOCK_BYTES", 1 << 20)
+    assert [(rows.start, rows.stop) for rows, _ in stack_blocks(factors, "left", np.float32)] == [(0, 12)]
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
