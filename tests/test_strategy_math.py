@@ -108,6 +108,7 @@ def test_averaging_error_of_float32_uploads_keeps_its_precision_when_clients_nea
 @pytest.mark.parametrize("limit, value", [("ROW_BLOCK", 5), ("BLOCK_BYTES", 5 * 9 * 8 + 7)])
 def test_difference_grams_are_the_grams_of_the_scaled_difference_stack(side, limit, value, monkeypatch):
     monkeypatch.setattr(f"fedlora.strategies.error_norms.{limit}", value)  # blocks of 5 rows (9 wide), a partial one
+    monkeypatch.setattr("fedlora.strategies.error_norms.MIN_ROWS", 1)
     rng = np.random.default_rng(6)
     shape = (D, 3) if side == "left" else (3, D)
     factors, reference = [rng.standard_normal(shape) for _ in range(3)], rng.standard_normal(shape)
@@ -123,10 +124,13 @@ def test_difference_grams_are_the_grams_of_the_scaled_difference_stack(side, lim
         np.testing.assert_allclose(cross, probe @ stack.T, rtol=1e-12, atol=1e-12)
 
 
-def test_stack_blocks_hold_as_many_rows_as_block_bytes_allow(monkeypatch):
+def test_stack_blocks_hold_as_many_rows_as_block_bytes_allow_yet_at_least_min_rows(monkeypatch):
     factors = [np.ones((D, 3), dtype=np.float32) for _ in range(3)]  # 9 columns of 4 bytes: 36 bytes a row
     monkeypatch.setattr("fedlora.strategies.error_norms.BLOCK_BYTES", 5 * 36 + 35)
+    monkeypatch.setattr("fedlora.strategies.error_norms.MIN_ROWS", 1)
     assert [(rows.start, rows.stop) for rows, _ in stack_blocks(factors, "left", np.float32)] == [(0, 5), (5, 10), (10, 12)]
+    monkeypatch.setattr("fedlora.strategies.error_norms.MIN_ROWS", 8)  # a wide stack still gets blocks of 8 rows
+    assert [(rows.start, rows.stop) for rows, _ in stack_blocks(factors, "left", np.float32)] == [(0, 8), (8, 12)]
     monkeypatch.setattr("fedlora.strategies.error_norms.BLOCK_BYTES", 1 << 20)
     assert [(rows.start, rows.stop) for rows, _ in stack_blocks(factors, "left", np.float32)] == [(0, 12)]
 

@@ -25,18 +25,21 @@ from numpy.typing import DTypeLike
 
 #: at most this many rows (of the long dimension d or k) per block of :func:`stack_blocks`
 ROW_BLOCK = 8192
-#: bytes of one block of :func:`stack_blocks` (ROW_BLOCK × Σr at most): a few MiB, in the CPU's last-level cache,
-#: so the stack itself is never held; as few blocks as that allows, since each block's Gram is one BLAS call
-#: (measured at K = 10, r = 16, d = k = 4096: the whole 4096 rows in one block ~7 % faster than blocks of 2048)
+#: bytes of one block of :func:`stack_blocks`: a few MiB, in the CPU's last-level cache, so the stack itself is never
+#: held, and as few blocks as that allows, each block's Gram being one BLAS call (measured at K = 10, r = 16,
+#: d = k = 4096: the whole 4096 rows in one block ~7 % faster than blocks of 2048) ...
 BLOCK_BYTES = 4 << 20
+#: ... but never fewer rows than this: every block's Gram is an m×m matrix to add up, so thin blocks of a wide stack
+#: (K = 50, r = 64: m = 3136) would spend more on that than on the product (measured: 334-row blocks 1.6× slower)
+MIN_ROWS = 2048
 
 
 def stack_blocks(factors: Sequence[np.ndarray], side: str, dtype: DTypeLike,
                  reference: np.ndarray | None = None) -> Iterator[tuple[slice, np.ndarray]]:
     """The stack [F_1 − X … F_K − X] (``side = "left"``: F_k n×r_k, the stack n × Σr_k) or [F_1 − X; …]
     (``"right"``: F_k r_k×n, the stack Σr_k × n), X = ``reference`` (no subtraction when None), one block of
-    at most :data:`ROW_BLOCK` rows (columns) and :data:`BLOCK_BYTES` at a time: yields (the block's slice of n,
-    the block in ``dtype``).
+    at most :data:`ROW_BLOCK` rows (columns) and :data:`BLOCK_BYTES` (yet at least :data:`MIN_ROWS` rows) at a
+    time: yields (the block's slice of n, the block in ``dtype``).
 
     Every block lives in the same reused buffer, overwritten by the next: use it before asking for the next.
     """
@@ -44,7 +47,7 @@ def stack_blocks(factors: Sequence[np.ndarray], side: str, dtype: DTypeLike,
     dtype = np.dtype(dtype)
     edges = np.concatenate([[0], np.cumsum([F.shape[1 if left else 0] for F in factors])])
     n = factors[0].shape[0 if left else 1]
-    step = max(1, min(ROW_BLOCK, n, BLOCK_BYTES // max(int(edges[-1]) * dtype.itemsize, 1)))
+    step = max(1, min(ROW_BLOCK, n, max(MIN_ROWS, BLOCK_BYTES // max(int(edges[-1]) * dtype.itemsize, 1))))
     buffer = np.empty((step, edges[-1]) if left else (edges[-1], step), dtype=dtype)
     for start in range(0, n, step):
         rows = slice(start, min(start + step, n))
