@@ -102,6 +102,35 @@ def test_stopping_sweeps_until_no_marked_process_is_left():
         stop_marked(TAG, tag, grace=0.1, timeout=5.0)
 
 
+#: a process whose main thread exits while another thread runs on: /proc/<pid>/stat then says zombie and
+#: /proc/<pid>/environ fails, yet the process lives (and, were it a raylet, could start more processes)
+MAIN_THREAD_EXITS = """
+import ctypes, threading, time
+threading.Thread(target=lambda: time.sleep(3600)).start()
+print("ready", flush=True)
+ctypes.CDLL(None).pthread_exit(None)
+"""
+
+
+def test_a_process_whose_main_thread_exited_is_found_and_stopped():
+    tag = uuid.uuid4().hex
+    proc = subprocess.Popen([sys.executable, "-c", MAIN_THREAD_EXITS], env={**os.environ, TAG: tag},
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{proc.pid}/stat").read_text().split(") ")[1][0] != "Z" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert Path(f"/proc/{proc.pid}/stat").read_text().split(") ")[1][0] == "Z", "the main thread did not exit"
+        assert marked_processes(TAG, tag) == [proc.pid]
+        assert stop_marked(TAG, tag, grace=1.0, timeout=30.0) == []
+        assert proc.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
 def test_a_superlink_that_does_not_come_up_is_reported_with_its_logs_kept(tmp_path):
     home = tmp_path / "home"
     result = run_simulation({"model.name": "tiny-bert"}, flwr_home=home, superlink_timeout=0.05, echo=False)

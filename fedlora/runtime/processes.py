@@ -32,29 +32,46 @@ class Interrupted(Exception):
         self.signum = signum
 
 
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie, dead but not yet reaped, does not)."""
+def _threads(pid: int) -> list[Path]:
+    """``/proc/<pid>/task/<tid>`` of every thread of ``pid`` (empty once it is gone)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        return sorted(Path(f"/proc/{pid}/task").iterdir())
     except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
+        return []
+
+
+def _alive(pid: int) -> bool:
+    """Whether any thread of ``pid`` runs. A zombie, dead but not yet reaped, does not; a process whose main
+    thread has exited while others run (its ``/proc/<pid>/stat`` then says zombie too) does."""
+    for thread in _threads(pid):
+        try:
+            stat = (thread / "stat").read_text()
+        except OSError:
+            continue
+        if stat[stat.rindex(")") + 2] != "Z":
+            return True
+    return False
+
+
+def _environ(pid: int) -> list[bytes]:
+    """The environment of ``pid``: read through the process, or through any of its threads when its main thread
+    has exited (``/proc/<pid>/environ`` then fails, though the process runs on); empty when unreadable."""
+    for path in (Path(f"/proc/{pid}/environ"), *(thread / "environ" for thread in _threads(pid))):
+        try:
+            data = path.read_bytes()
+        except OSError:
+            continue
+        if data:
+            return data.split(b"\0")
+    return []
 
 
 def marked_processes(name: str, value: str) -> list[int]:
     """Live processes (other than this one) whose environment holds ``name=value``."""
     needle = f"{name}={value}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if needle in environ and _alive(int(entry.name)):
-            found.append(int(entry.name))
-    return sorted(found)
+    return sorted(int(entry.name) for entry in Path("/proc").iterdir()
+                  if entry.name.isdigit() and int(entry.name) != os.getpid()
+                  and needle in _environ(int(entry.name)) and _alive(int(entry.name)))
 
 
 def stop_marked(name: str, value: str, grace: float = 10.0, timeout: float = 90.0) -> list[int]:
