@@ -4,7 +4,8 @@ Flower's local SuperLink detaches itself, ``flwr-simulation`` is its child, and 
 its GCS server, raylet and workers: none of them stays in the launcher's process group. What
 they all keep is their environment. The launcher gives its children one marker variable
 (:data:`MARKER`, a random value per launch); every descendant inherits it, so
-:func:`marked_processes` finds them by scanning ``/proc/<pid>/environ`` and
+:func:`marked_processes` finds them by scanning ``/proc/<pid>/environ`` — through the process's other threads
+when its main thread has exited while they run on, as Ray's processes do while they stop — and
 :func:`stop_marked` stops them (SIGTERM, then SIGKILL after a grace period, sweeping again until none is left).
 
 :func:`interruptible` turns SIGTERM and SIGINT into :class:`Interrupted`, so the launcher's
