@@ -3,6 +3,7 @@ reported with its logs kept, and a run on an existing Ray cluster (a head starte
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import selectors
@@ -129,6 +130,34 @@ def test_a_process_whose_main_thread_exited_is_found_and_stopped():
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
+
+
+#: a marked process whose child shows no marker in /proc/<pid>/environ (as Ray's agents, whose process title
+#: overwrites it): the child belongs to the launch all the same
+UNMARKED_CHILD = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"], env={})
+print(child.pid, flush=True)
+time.sleep(3600)
+"""
+
+
+def test_a_descendant_without_the_marker_is_found_and_stopped():
+    tag = uuid.uuid4().hex
+    proc = subprocess.Popen([sys.executable, "-c", UNMARKED_CHILD], env={**os.environ, TAG: tag},
+                            stdout=subprocess.PIPE, text=True)
+    child = int(proc.stdout.readline())
+    try:
+        assert TAG.encode() not in Path(f"/proc/{child}/environ").read_bytes()
+        assert marked_processes(TAG, tag) == sorted([proc.pid, child])
+        assert stop_marked(TAG, tag, grace=1.0, timeout=30.0) == []
+        proc.wait(timeout=10)
+        assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split(") ")[1][:1]
+    finally:
+        for pid in (proc.pid, child):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=10)
 
 
 def test_a_superlink_that_does_not_come_up_is_reported_with_its_logs_kept(tmp_path):
