@@ -30,7 +30,8 @@ ROW_BLOCK = 8192
 #: d = k = 4096: the whole 4096 rows in one block ~7 % faster than blocks of 2048) ...
 BLOCK_BYTES = 4 << 20
 #: ... but never fewer rows than this: every block's Gram is an m×m matrix to add up, so thin blocks of a wide stack
-#: (K = 50, r = 64: m = 3136) would spend more on that than on the product (measured: 334-row blocks 1.6× slower)
+#: (K = 50, r = 64: m = 3136) would spend more on that than on the product (measured: 334-row blocks 1.5× slower;
+#: both measurements in benchmarks/results/2026-12-03-server-round-probes.txt)
 MIN_ROWS = 2048
 
 
