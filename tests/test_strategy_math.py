@@ -423,7 +423,7 @@ def test_centred_cross_is_the_same_in_stacks_of_any_size(buffer_clients, monkeyp
     rng = np.random.default_rng(8)
     As = [rng.standard_normal((3, K)) for _ in range(5)]
     A_bar = weighted_sum(As, _weights(5, seed=8))
-    monkeypatch.setattr("fedlora.strategies.lorafair.math.CROSS_BUFFER_BYTES", buffer_clients * 3 * K * 8)
+    monkeypatch.setattr("fedlora.strategies.error_norms.BLOCK_BYTES", buffer_clients * 3 * K * 8)
     expected = np.vstack([(A - A_bar) @ A_bar.T for A in As])
     np.testing.assert_allclose(centred_cross(As, A_bar), expected, rtol=1e-13, atol=1e-13)
 

@@ -90,7 +90,7 @@ def marked_processes(name: str, value: str) -> list[int]:
     """
     needle = f"{name}={value}".encode()
     parents = _parents()
-    marked = {pid for pid in parents if pid != os.getpid() and needle in _environ(pid)}
+    marked = {pid for pid in parents if needle in _environ(pid)}
     children: dict[int, list[int]] = {}
     for pid, parent in parents.items():
         children.setdefault(parent, []).append(pid)
