@@ -8,7 +8,7 @@ import pytest
 from fedlora.experiments.report import main
 from fedlora.experiments.report.collect import load_results
 from fedlora.experiments.report.compare import MAJORITY, compare
-from fedlora.experiments.report.results_doc import Evaluator, check, render
+from fedlora.experiments.report.results_doc import DocError, Evaluator, check, render
 from fedlora.server.rundir import RUNNING_CODE_VERSION
 from fedlora.server.rundir import TEST_FILE
 
@@ -146,3 +146,13 @@ def test_a_document_written_before_the_suite_ends_shows_what_is_pending(results_
     evaluator.results[0].summary["code_version"] = "0123456789abcdef"
     assert evaluator.value("code -") == f"{RUNNING_CODE_VERSION} (11), 0123456789abcdef (1)"
     assert any("no method 'fedsb'" in p for p in check(text, evaluator))
+
+
+def test_the_cost_of_a_study_is_the_wall_time_of_its_cells(results_dir):
+    evaluator = Evaluator(load_results(results_dir), "fedavg", 300)
+    for result, seconds in zip(evaluator.results, [60.0, 120.0, 7200.0] + [90.0] * 9):
+        result.summary["wall_seconds"] = seconds
+    # 12 cells: 7,380 + 810 s; median of 60, 90 × 9, 120, 7200 is 90 s
+    assert evaluator.value("cost -") == "12 cells: 2.3 hours of wall time, median 90 s a cell (cells × median: 0.3 hours)"
+    with pytest.raises(DocError, match="no results of study 'privacy'"):
+        evaluator.value("cost privacy")

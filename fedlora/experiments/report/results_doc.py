@@ -24,6 +24,8 @@ without named studies; METHOD as in the tables, e.g. ``fedsb@fedavg-upload``, th
 ``paper TEXT``                        TEXT itself: a number quoted from a paper, not from the data
 ``progress STUDY``                    the study's finished cells of its grid, lr sweep and main apart
 ``code STUDY``                        the code versions that produced the study's results, with their counts
+``cost STUDY``                        the study's finished cells' wall time: the sum, the median cell, and
+                                      cells × median (the sum counts any time the runner was paused)
 ====================================  =====================================================================
 
 With the grid (its ``grid.toml`` in the results directory), a value of a setting and method the
@@ -38,6 +40,7 @@ two or more digits (``0.538``), and anything after ``±``.
 from __future__ import annotations
 
 import re
+import statistics
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,6 +148,17 @@ class Evaluator:
             return f"{next(iter(versions))} (all {sum(versions.values())} results)"
         return ", ".join(f"{version} ({n})" for version, n in versions.most_common())
 
+    def cost(self, study: str) -> str:
+        """``n cells: h hours of wall time, median s a cell (cells × median: h')`` over the finished results of
+        ``study``. Wall time, not CPU time: with ``--workers`` equal to the cores each cell has one core and the hours
+        are core-hours."""
+        seconds = sorted(float(r.summary.get("wall_seconds") or 0.0) for r in self.results if r.study == study)
+        if not seconds:
+            raise DocError(f"no results of study {study!r}")
+        median = statistics.median(seconds)
+        return (f"{len(seconds)} cells: {sum(seconds) / 3600:.1f} hours of wall time, median {median:.0f} s a cell "
+                f"(cells × median: {len(seconds) * median / 3600:.1f} hours)")
+
     def value(self, expression: str) -> str:
         """The rendered text of a value expression (see the module docstring)."""
         words = expression.split()
@@ -157,6 +171,8 @@ class Evaluator:
             return self.progress("" if args[0] == "-" else args[0])
         if keyword == "code" and len(args) == 1:
             return self.code_versions("" if args[0] == "-" else args[0])
+        if keyword == "cost" and len(args) == 1:
+            return self.cost("" if args[0] == "-" else args[0])
         if keyword in ("overview", "sweep") and len(args) == 1:
             study = "" if args[0] == "-" else args[0]
             text = overview_table([self.comparison(s) for s in settings(self.results) if s[0] == study],
