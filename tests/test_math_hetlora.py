@@ -36,6 +36,15 @@ def test_zero_padding_keeps_the_client_update():
         padded_average([rng.standard_normal((D, 5))], [rng.standard_normal((5, K))], np.array([1.0]), [1.0], R, 1.0)
 
 
+def test_clients_at_the_global_rank_are_averaged_as_their_padded_updates():
+    states, w = _states([R, R, R], seed=3), np.array([0.2, 0.3, 0.5])
+    Bs, As, scales = [s[M + LORA_B] for s in states], [s[M + LORA_A] for s in states], [1.0, 2.0, 3.0]
+    B_bar, A_bar = padded_average(Bs, As, w, scales, R, ALPHA / R)
+    padded = [zero_pad(B, A, R, s, ALPHA / R) for B, A, s in zip(Bs, As, scales)]
+    np.testing.assert_allclose(B_bar, sum(wk * b for wk, (b, _) in zip(w, padded)), rtol=1e-14)
+    np.testing.assert_allclose(A_bar, sum(wk * a for wk, (_, a) in zip(w, padded)), rtol=1e-14)
+
+
 def test_sparsity_weights_follow_the_update_norms():
     rng = np.random.default_rng(2)
     Bs = [rng.standard_normal((D, 2)), 3 * rng.standard_normal((D, 4))]

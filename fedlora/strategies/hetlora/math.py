@@ -17,12 +17,15 @@ def padded_average(Bs: Sequence[np.ndarray], As: Sequence[np.ndarray], w: np.nda
                    rank: int, global_scale: float) -> Factored:
     """(Σ_k w_k B'_k, Σ_k w_k A'_k) for the zero-padded factors B'_k = [(s_k/s_R)·B_k, 0], A'_k = [A_k; 0] of rank R
     (s_R·B'_k A'_k = s_k B_k A_k), in float64, without padding: columns (rows) r_{j−1}..r_j collect only the
-    clients of rank ≥ r_j, each block summed by :func:`weighted_sum`."""
+    clients of rank ≥ r_j, each block summed by :func:`weighted_sum` (when every client has rank R, the whole
+    factors at once, with no padded copy)."""
     for A in As:
         if A.shape[0] > rank:
             raise ValueError(f"a rank-{A.shape[0]} client update cannot be padded to the global rank {rank}")
-    B_bar, A_bar = np.zeros((Bs[0].shape[0], rank)), np.zeros((rank, As[0].shape[1]))
     edges = sorted({0, *(A.shape[0] for A in As)})
+    if edges == [0, rank]:  # every client at the global rank: nothing to pad, the sums are the averages
+        return (weighted_sum(Bs, np.asarray(w) * np.asarray(scales) / global_scale), weighted_sum(As, w))
+    B_bar, A_bar = np.zeros((Bs[0].shape[0], rank)), np.zeros((rank, As[0].shape[1]))
     for lo, hi in zip(edges, edges[1:]):
         ks = [k for k, A in enumerate(As) if A.shape[0] >= hi]
         B_bar[:, lo:hi] = weighted_sum([Bs[k][:, lo:hi] for k in ks], np.array([w[k] * scales[k] / global_scale for k in ks]))
