@@ -13,7 +13,7 @@ from fedlora.strategies.fedavg import math as fedavg_math
 from fedlora.strategies.fedsb import math as fedsb_math
 from fedlora.strategies.ffa import math as ffa_math
 from fedlora.strategies.common import (
-    aggregate_extras, client_weights, concat_factors, stack_product, svd_of_stack, weighted_sum,
+    aggregate_extras, client_weights, concat_factors, stack_product, sum_block, svd_of_stack, weighted_sum,
 )
 from fedlora.strategies.error_norms import (
     averaging_error2, difference_grams, error_ratio, gram_inner, gram_norm2, rounding_error2, split_norms2, stack_norms2,
@@ -76,6 +76,27 @@ def test_gram_norms_and_inner_products_equal_the_dense_ones(m):
     U2, V2 = rng.standard_normal((30, 2)), rng.standard_normal((2, 20))
     assert gram_norm2(U, V) == pytest.approx(np.linalg.norm(U @ V) ** 2, rel=1e-12)
     assert gram_inner(U, V, U2, V2) == pytest.approx(np.sum((U @ V) * (U2 @ V2)), rel=1e-12)
+
+
+@pytest.mark.parametrize("clients", [1, 3, 50])
+def test_weighted_sum_is_the_float64_sum_over_blocks_of_its_buffer(clients, monkeypatch):
+    monkeypatch.setattr("fedlora.strategies.common.SUM_BUFFER_BYTES", 8 * 64 * clients + 8)  # 64-element blocks
+    monkeypatch.setattr("fedlora.strategies.common.MIN_SUM_BLOCK", 16)
+    assert sum_block(clients) == 64
+    rng = np.random.default_rng(11)
+    xs = [rng.standard_normal((7, 29)).astype(np.float32) for _ in range(clients)]  # 203 elements: 3 blocks + a part
+    p = _weights(clients)
+    total = weighted_sum(xs, p)
+    assert total.dtype == np.float64 and total.shape == (7, 29)
+    np.testing.assert_allclose(total, sum(pk * x.astype(np.float64) for pk, x in zip(p, xs)), rtol=1e-13, atol=1e-15)
+
+
+def test_weighted_sum_blocks_are_powers_of_two_within_the_buffer():
+    for clients in (1, 2, 10, 50, 100, 10**6):
+        block = sum_block(clients)
+        assert block & (block - 1) == 0, block
+        assert block >= 1 << 12
+        assert block == 1 << 12 or clients * block * 8 <= 8 << 20 < clients * 2 * block * 8
 
 
 @pytest.mark.parametrize("clients", [1, 2, 4])
