@@ -11,7 +11,7 @@ from flwr.app import MetricRecord
 from fedlora.adapters.transport import from_record, to_record
 from fedlora.protocol import ARRAYS, METRICS, NUM_EXAMPLES
 from fedlora.server.influence import capped_shares, norm_ratios, scaled_update
-from fedlora.server.validation import validate_upload
+from fedlora.server.validation import InvalidUpdate, validate_upload
 
 
 @pytest.mark.parametrize("weights, cap", [([0.7, 0.2, 0.1], 0.5), ([1 - 2e-12, 1e-12, 1e-12], 0.5),
@@ -68,6 +68,20 @@ def test_update_norms_and_scaling_are_relative_to_the_reference(monkeypatch):
     np.testing.assert_allclose(half["fresh"], 1.5)
     assert update_norm(half, ref) == pytest.approx(0.5 * np.linalg.norm(delta), rel=1e-6)
     assert update_norm({"a": np.ones((2, 2), np.float32)}, ref) == pytest.approx(2.0), "other shape: against zero"
+
+
+def test_validation_shows_every_tensor_that_passed_to_the_observer_while_it_validates():
+    rng = np.random.default_rng(1)
+    upload = {"b": rng.standard_normal((4, 2)).astype(np.float32), "a": rng.standard_normal((2, 3)).astype(np.float32)}
+    shapes = {k: v.shape for k, v in upload.items()}
+    seen: list[tuple[str, np.ndarray]] = []
+    validate_upload(upload, shapes, max_rms=10.0, observe=lambda key, tensor: seen.append((key, tensor)))
+    assert [k for k, _ in seen] == ["a", "b"] and all(tensor is upload[k] for k, tensor in seen)
+    seen.clear()
+    with pytest.raises(InvalidUpdate, match="'b' has 1 non-finite"):
+        validate_upload({**upload, "b": np.where(np.arange(8).reshape(4, 2) == 3, np.nan, upload["b"]).astype(np.float32)},
+                        shapes, max_rms=10.0, observe=lambda key, tensor: seen.append((key, tensor)))
+    assert [k for k, _ in seen] == ["a"], "a tensor that fails is not observed"
 
 
 # ----- the malicious site of the issue, in process ---------------------------------------------------

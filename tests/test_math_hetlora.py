@@ -7,6 +7,7 @@ from fedlora.adapters.lora import LORA_A, LORA_B
 from fedlora.client.role import cut_to_rank
 from fedlora.server.mixed_ranks import at_scale_one
 from fedlora.strategies.common import client_weights
+from fedlora.strategies.error_norms import factor_gram
 from fedlora.strategies.hetlora.math import aggregate_hetlora, padded_average, sparsity_weights
 
 M = "base_model.model.enc.query"
@@ -54,6 +55,20 @@ def test_sparsity_weights_follow_the_update_norms():
     np.testing.assert_allclose(sparsity_weights(Bs, As, scales, p), p * norms / (p * norms).sum(), rtol=1e-12)
     zeros = [np.zeros_like(B) for B in Bs]
     np.testing.assert_array_equal(sparsity_weights(zeros, As, scales, p), p)
+
+
+def test_sparsity_weights_take_the_grams_they_are_given_and_make_the_missing_ones():
+    rng = np.random.default_rng(6)
+    Bs = [rng.standard_normal((D, 3)).astype(np.float32) for _ in range(3)]
+    As = [rng.standard_normal((3, K)).astype(np.float32) for _ in range(3)]
+    p, scales = np.array([0.2, 0.3, 0.5]), [ALPHA / 3] * 3
+    grams = [(factor_gram(B, "left"), factor_gram(A, "right")) for B, A in zip(Bs, As)]
+    made = sparsity_weights(Bs, As, scales, p)
+    np.testing.assert_array_equal(sparsity_weights(Bs, As, scales, p, grams), made)
+    np.testing.assert_array_equal(sparsity_weights(Bs, As, scales, p, [(None, None), grams[1], (grams[2][0], None)]), made)
+    doubled = [(4 * grams[0][0], grams[0][1]), *grams[1:]]  # as if B_0 were twice as large: its norm doubles
+    raw = p * np.array([2, 1, 1]) * made / p
+    np.testing.assert_allclose(sparsity_weights(Bs, As, scales, p, doubled), raw / raw.sum(), rtol=1e-6)
 
 
 def test_the_global_adapter_is_the_sparsity_weighted_average_of_the_padded_updates():

@@ -37,6 +37,9 @@ class ClientUpdate:
     metrics: dict[str, float] = field(default_factory=dict)
     #: ‖state − the state it started from‖₂, measured when the reply was validated (the norm bound's input)
     update_norm: float = 0.0
+    #: tensor name -> what the strategy's :meth:`~fedlora.server.strategy.ServerStrategy.observe_upload` made of
+    #: ``state[name]`` during validation; emptied whenever ``state`` is replaced (the norm bound's rescaling)
+    observed: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass

@@ -194,8 +194,13 @@ class RoundLoop:
             num_examples=num_examples_of(metrics),
             metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
         )
+        def observe(key: str, tensor: np.ndarray) -> None:
+            made = self.strategy.observe_upload(key, tensor)
+            if made is not None:
+                update.observed[key] = made
+
         update.update_norm = float(np.sqrt(validate_upload(update.state, expected(update), self.cfg.validation.max_rms,
-                                                           reference)))
+                                                           reference, observe)))
         return update
 
     def collect(self, sent: Round, replies: Iterable[Message], expected: Expected, reference: AdapterState) -> Round:
@@ -242,6 +247,7 @@ class RoundLoop:
             for update, norm, ratio in zip(done.updates, norms, norm_ratios(norms)):
                 if ratio > bounds.max_norm_ratio:
                     update.state = scaled_update(update.state, reference, bounds.max_norm_ratio / ratio)
+                    update.observed.clear()
                     done.clipped.append(f"node {update.node_id} (partition {update.partition_id}): update norm {norm:.3g} "
                                         f"is {ratio:.3g}× the other clients' median; scaled down to "
                                         f"validation.max-norm-ratio = {bounds.max_norm_ratio:g}×")

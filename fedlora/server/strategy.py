@@ -83,6 +83,12 @@ class ServerStrategy(ABC):
         """
         return shapes_of(self.state)
 
+    def observe_upload(self, key: str, tensor: np.ndarray) -> np.ndarray | None:
+        """Something :meth:`aggregate` will need of one uploaded tensor, made while validation has it in the cache
+        (kept in :attr:`~fedlora.server.round.ClientUpdate.observed` unless None; default: nothing). ``aggregate``
+        must compute it itself for an update whose ``observed`` lacks it (a rescaled update has none)."""
+        return None
+
     @abstractmethod
     def aggregate(self, done: Round, weights: np.ndarray) -> tuple[AdapterState, dict[str, float]]:
         """The new global state and the strategy's metrics (``agg_error`` …) from the round's valid updates.

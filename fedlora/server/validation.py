@@ -24,7 +24,7 @@ means every entry is ~10 on average — an exploded or malicious update, not tra
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -51,13 +51,17 @@ BLOCK = 1 << 16
 
 
 def validate_upload(state: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]], max_rms: float,
-                    reference: Mapping[str, np.ndarray] | None = None) -> float:
+                    reference: Mapping[str, np.ndarray] | None = None,
+                    observe: Callable[[str, np.ndarray], None] | None = None) -> float:
     """Raise :class:`InvalidUpdate` naming the first problem of ``state`` (see the module docstring); else return
     ‖state − reference‖² over every tensor (a tensor without a same-shaped reference counts against zero).
 
     The distance is what the norm bound of :mod:`fedlora.server.influence` needs; it comes from the
     same pass that checks the values, block by block: each block's squares, then its difference
     to the reference in a reused float32 buffer, while the block is still in the cache.
+    ``observe(key, tensor)`` is called for every tensor that passed, right after its pass, while it is
+    still in the cache (a strategy's products of each upload, e.g. HetLoRA's factor Grams, read it there
+    instead of from memory once more).
     """
     missing = sorted(set(expected) - set(state))
     if missing:
@@ -94,6 +98,8 @@ def validate_upload(state: Mapping[str, np.ndarray], expected: Mapping[str, tupl
         rms = float(np.sqrt(squares / flat.size)) if flat.size else 0.0
         if rms > max_rms:
             raise InvalidUpdate(f"tensor {key!r} has root-mean-square {rms:.3g} > validation.max-rms = {max_rms:g}")
+        if observe is not None:
+            observe(key, array)
         distance += differences
     return distance
 

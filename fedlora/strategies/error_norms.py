@@ -67,9 +67,20 @@ def gram_inner(Ua: np.ndarray, Va: np.ndarray, Ub: np.ndarray, Vb: np.ndarray) -
     return float(np.sum((Ua.T @ Ub) * (Va @ Vb.T), dtype=np.float64))
 
 
+def factor_gram(factor: np.ndarray, side: str) -> np.ndarray:
+    """FᵀF of a left factor F (n×m, ``side = "left"``) or FFᵀ of a right one (m×n), m×m in F's precision
+    (numpy's matmul of an array with its own transpose runs BLAS syrk)."""
+    return factor.T @ factor if side == "left" else factor @ factor.T
+
+
+def grams_norm2(GU: np.ndarray, GV: np.ndarray) -> float:
+    """‖U·V‖²_F = Σ_ij (UᵀU)_ij (VVᵀ)_ij from the two Grams GU = UᵀU, GV = VVᵀ, summed in float64; ≥ 0."""
+    return max(float(np.sum(GU * GV, dtype=np.float64)), 0.0)
+
+
 def gram_norm2(U: np.ndarray, V: np.ndarray) -> float:
-    """‖U·V‖²_F = Σ_ij (UᵀU)_ij (VVᵀ)_ij (see :func:`gram_inner`); ≥ 0 by construction."""
-    return max(gram_inner(U, V, U, V), 0.0)
+    """‖U·V‖²_F (:func:`grams_norm2` of :func:`factor_gram`'s UᵀU and VVᵀ); ≥ 0 by construction."""
+    return grams_norm2(factor_gram(U, "left"), factor_gram(V, "right"))
 
 
 def difference_grams(factors: Sequence[np.ndarray], reference: np.ndarray | None, coefficients: Sequence[float],

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from fedlora.adapters.lora import LORA_A, LORA_B, lora_modules
 from fedlora.adapters.state import AdapterState
 from fedlora.strategies.common import Factored, aggregate_extras, check_same_keys, weighted_sum
-from fedlora.strategies.error_norms import difference_grams, error_ratio, gram_norm2, split_norms2
+from fedlora.strategies.error_norms import difference_grams, error_ratio, factor_gram, grams_norm2, split_norms2
 from fedlora.strategies.traffic import Shapes
 
 
@@ -33,27 +33,41 @@ def padded_average(Bs: Sequence[np.ndarray], As: Sequence[np.ndarray], w: np.nda
     return B_bar, A_bar
 
 
+#: a client's pair of factor Grams (B_kᵀB_k, A_kA_kᵀ), either one None where not made yet
+GramPair = tuple[np.ndarray | None, np.ndarray | None]
+
+
 def sparsity_weights(Bs: Sequence[np.ndarray], As: Sequence[np.ndarray], scales: Sequence[float],
-                     weights: np.ndarray) -> np.ndarray:
-    """w_k ∝ p_k·‖s_k B_k A_k‖_F, normalised to sum 1; ``weights`` (p_k) when every norm is zero."""
-    norms = np.array([s * np.sqrt(gram_norm2(B, A)) for B, A, s in zip(Bs, As, scales)])
+                     weights: np.ndarray, grams: Sequence[GramPair] | None = None) -> np.ndarray:
+    """w_k ∝ p_k·‖s_k B_k A_k‖_F, normalised to sum 1; ``weights`` (p_k) when every norm is zero.
+
+    ‖B_k A_k‖²_F = Σ_ij (B_kᵀB_k)_ij (A_kA_kᵀ)_ij; ``grams`` gives those Grams where they were made
+    already (during validation, :meth:`HetLoRAServer.observe_upload`), the others are made here.
+    """
+    pairs = grams or [(None, None)] * len(Bs)
+    norms = np.array([s * np.sqrt(grams_norm2(factor_gram(B, "left") if GB is None else GB,
+                                              factor_gram(A, "right") if GA is None else GA))
+                      for B, A, s, (GB, GA) in zip(Bs, As, scales, pairs)])
     raw = np.asarray(weights, dtype=np.float64) * norms
     return raw / raw.sum() if raw.sum() > 0 else np.asarray(weights, dtype=np.float64)
 
 
 def aggregate_hetlora(states: Sequence[AdapterState], weights: np.ndarray, scales: Sequence[float], global_rank: int,
-                      global_scale: float, measure: bool = True) -> tuple[AdapterState, dict[str, float]]:
+                      global_scale: float, measure: bool = True,
+                      observed: Sequence[Mapping[str, np.ndarray]] | None = None) -> tuple[AdapterState, dict[str, float]]:
     """The new global adapter (rank R, scale ``global_scale``; float32), the extras averaged with p_k, and, when
     ``measure``, ``agg_error``: ‖s_R B̄Ā − ΔW*‖ and ‖ΔW*‖ from one pair of Grams of the stacked difference
     [B̄, B_1 …]·[s_R Ā; −p_1 s_1 A_1; …] (:func:`fedlora.strategies.error_norms.split_norms2`), built block
     by block without the stack (:func:`~fedlora.strategies.error_norms.difference_grams`), in the uploads'
-    precision (HetLoRA's error is large next to float32 rounding)."""
+    precision (HetLoRA's error is large next to float32 rounding). ``observed``: per client, the factor Grams
+    already made, by tensor name (:attr:`fedlora.server.round.ClientUpdate.observed`)."""
     check_same_keys(states)
     out = aggregate_extras(states, weights, (LORA_A, LORA_B))
     errors = []
     for m in lora_modules(states[0]):
         Bs, As = [s[m + LORA_B] for s in states], [s[m + LORA_A] for s in states]
-        w = sparsity_weights(Bs, As, scales, weights)
+        grams = None if observed is None else [(o.get(m + LORA_B), o.get(m + LORA_A)) for o in observed]
+        w = sparsity_weights(Bs, As, scales, weights, grams)
         B_bar, A_bar = padded_average(Bs, As, w, scales, global_rank, global_scale)
         out[m + LORA_B], out[m + LORA_A] = B_bar.astype(np.float32), A_bar.astype(np.float32)
         if measure:
