@@ -13,7 +13,8 @@ from fedlora.strategies.fedavg import math as fedavg_math
 from fedlora.strategies.fedsb import math as fedsb_math
 from fedlora.strategies.ffa import math as ffa_math
 from fedlora.strategies.common import (
-    aggregate_extras, client_weights, concat_factors, stack_product, sum_block, svd_of_stack, weighted_sum,
+    MIN_SUM_BLOCK, SUM_BUFFER_BYTES, aggregate_extras, client_weights, concat_factors, stack_product, sum_block, svd_of_stack,
+    weighted_sum,
 )
 from fedlora.strategies.error_norms import (
     averaging_error2, difference_grams, error_ratio, gram_inner, gram_norm2, rounding_error2, split_norms2, stack_norms2,
@@ -92,11 +93,11 @@ def test_weighted_sum_is_the_float64_sum_over_blocks_of_its_buffer(clients, monk
 
 
 def test_weighted_sum_blocks_are_powers_of_two_within_the_buffer():
+    assert (sum_block(2), sum_block(10), sum_block(50)) == (1 << 18, 1 << 15, 1 << 14)
     for clients in (1, 2, 10, 50, 100, 10**6):
         block = sum_block(clients)
         assert block & (block - 1) == 0, block
-        assert block >= 1 << 12
-        assert block == 1 << 12 or clients * block * 8 <= 8 << 20 < clients * 2 * block * 8
+        assert block == MIN_SUM_BLOCK or clients * block * 8 <= SUM_BUFFER_BYTES < clients * 2 * block * 8
 
 
 @pytest.mark.parametrize("clients", [1, 2, 4])

@@ -58,21 +58,23 @@ def averages_with_rounding(states: Sequence[Mapping[str, np.ndarray]], weights: 
     return out, errors
 
 
-#: bytes of :func:`weighted_sum`'s float64 buffer of all K clients' values of a block: a few MiB, in the CPU's last-level
-#: cache. The block is the largest power of two of elements that fits (at least :data:`MIN_SUM_BLOCK`): fewer, longer
-#: blocks spend less on per-call overhead, and power-of-two blocks keep BLAS's summation the same as one whole-array
-#: product (measured, K = 10 at Llama shapes: 64 Ki-element blocks 3.1 ms a round against 4.4 ms for 16 Ki; K = 50:
-#: 16 Ki best; benchmarks/results/2026-12-03-server-round-probes.txt)
-SUM_BUFFER_BYTES = 8 << 20
-#: ... but never fewer elements than this per block
-MIN_SUM_BLOCK = 1 << 12
+#: bytes of :func:`weighted_sum`'s float64 buffer of all K clients' values of a block, in the CPU's cache: a block is
+#: the largest power of two of elements that fits, but never fewer than :data:`MIN_SUM_BLOCK`. Fewer, longer blocks
+#: spend less on per-call overhead (K = 10 at Llama shapes, cold data: 16 Ki-element blocks 4.0-4.5 ms a round,
+#: 32 Ki 3.2-3.7 ms, 64 Ki 2.9-3.2 ms), power-of-two blocks keep BLAS's summation that of one whole-array product,
+#: and the buffer is transient memory on top of the round's outputs: 8 MiB (64 Ki at K = 10) took FFA-LoRA's and
+#: RoLoRA's round peaks to 1.8× Flower's (benchmarks/results/2026-12-03-server-round-probes.txt)
+SUM_BUFFER_BYTES = 4 << 20
+#: ... never fewer elements per block than this (below it the per-call overhead dominates; at K = 50 the buffer is then
+#: 6.4 MiB)
+MIN_SUM_BLOCK = 1 << 14
 
 
 def sum_block(clients: int) -> int:
     """Elements per block of :func:`weighted_sum` for ``clients`` arrays: the largest power of two whose float64
     buffer of all clients fits :data:`SUM_BUFFER_BYTES`, at least :data:`MIN_SUM_BLOCK`."""
     fitting = SUM_BUFFER_BYTES // (8 * max(clients, 1))
-    return max(MIN_SUM_BLOCK, 1 << (fitting.bit_length() - 1))
+    return max(MIN_SUM_BLOCK, 1 << max(fitting.bit_length() - 1, 0))
 
 
 def weighted_sum(arrays: Sequence[np.ndarray], weights: np.ndarray) -> np.ndarray:
