@@ -17,6 +17,7 @@ import pytest
 from safetensors.numpy import load_file
 
 import fedlora.server.rounds as server_rounds
+import fedlora.server.validation as validation
 from fedlora.adapters.transport import from_record
 from fedlora.client.faults import CORRUPT, CORRUPTIONS, DROPOUT, STRAGGLER, Fault, draw_fault
 from fedlora.config import ConfigError, FaultsConfig
@@ -88,11 +89,31 @@ SHAPES = {"a": (2, 3), "b": (4,)}
     ({**GOOD, "b": np.array([0, np.nan, np.inf, 0], np.float32)}, "2 non-finite value(s)"),
     ({**GOOD, "a": np.full((2, 3), 11, np.float32)}, "root-mean-square 11 > validation.max-rms = 10"),
 ])
-def test_invalid_uploads_are_rejected_with_their_reason(state, fragment):
-    validate_upload(GOOD, SHAPES, 10.0)
+@pytest.mark.parametrize("reference", [None, GOOD, {"a": GOOD["a"] + 0.5, "b": GOOD["b"] - 9.0}],
+                         ids=["no reference", "the same state", "another state"])
+def test_invalid_uploads_are_rejected_with_their_reason(state, fragment, reference):
+    validate_upload(GOOD, SHAPES, 10.0, reference)
     with pytest.raises(InvalidUpdate) as err:
-        validate_upload(state, SHAPES, 10.0)
+        validate_upload(state, SHAPES, 10.0, reference)
     assert fragment in str(err.value)
+
+
+def test_the_rms_bound_is_settled_by_the_reference_norm_or_else_by_the_tensor_own_squares(monkeypatch):
+    """‖x‖ ≤ ‖R‖ + ‖x − R‖ clears uploads well inside the bound without their own squares (the reference's are
+    summed once for every upload); near the bound the tensor's own squares decide, to the same verdict."""
+    calls = []
+    summed = validation.squares
+    monkeypatch.setattr(validation, "squares", lambda flat: calls.append(flat.size) or summed(flat))
+    shapes = {"a": (100,)}
+    reference = validation.Reference({"a": np.ones(100, np.float32)})
+    for rms in (2.0, 5.0):
+        assert validate_upload({"a": np.full(100, rms, np.float32)}, shapes, 10.0, reference) == pytest.approx(
+            100 * (rms - 1) ** 2, rel=1e-6)
+    assert calls == [100], "the reference's squares once; the uploads' never"
+    validate_upload({"a": np.full(100, 9.999, np.float32)}, shapes, 10.0, reference)  # ‖R‖ + ‖Δ‖: within 0.1 %
+    assert calls == [100, 100], "near the bound: the upload's own squares"
+    with pytest.raises(InvalidUpdate, match="root-mean-square 10.5 > validation.max-rms = 10"):
+        validate_upload({"a": np.full(100, 10.5, np.float32)}, shapes, 10.0, reference)
 
 
 def test_malformed_replies_are_recorded_and_the_valid_one_is_kept(monkeypatch):

@@ -43,7 +43,7 @@ from fedlora.server.progress import PROGRESS_SECONDS, ReplyProgress, error_reaso
 from fedlora.server.report import RoundReporter
 from fedlora.server.round import ClientUpdate, Round, reply_record
 from fedlora.server.strategy import ServerStrategy
-from fedlora.server.validation import InvalidUpdate, Shapes, num_examples_of, validate_upload
+from fedlora.server.validation import InvalidUpdate, Reference, Shapes, num_examples_of, validate_upload
 from fedlora.strategies.common import client_weights
 
 Expected = Callable[[ClientUpdate], Shapes]
@@ -181,7 +181,7 @@ class RoundLoop:
             return f"reply arrived past round-timeout = {self.cfg.round_timeout:g} s (simulated delay {delay:g} s; late, discarded)"
         return None
 
-    def _parse(self, sent: Round, reply: Message, expected: Expected, reference: AdapterState) -> ClientUpdate:
+    def _parse(self, sent: Round, reply: Message, expected: Expected, reference: Reference) -> ClientUpdate:
         """The reply as a validated :class:`ClientUpdate`; :class:`InvalidUpdate` says why it is not usable."""
         record, arrays = reply_record(reply.content, METRICS, MetricRecord), reply_record(reply.content, ARRAYS, ArrayRecord)
         if record is None or arrays is None:
@@ -207,6 +207,7 @@ class RoundLoop:
         """Fill ``sent`` with the valid updates, their bytes and every failure, in node order (not arrival order);
         each update's norm is measured against ``reference``, the state the clients started from."""
         replies = sorted(replies, key=sent.node_of)
+        started_from = Reference(reference)
         for reply in replies:
             node = sent.node_of(reply)
             if reply.has_error():
@@ -225,7 +226,7 @@ class RoundLoop:
                 sent.rejected.append(f"{source}: {late}")
                 continue
             try:
-                update = self._parse(sent, reply, expected, reference)
+                update = self._parse(sent, reply, expected, started_from)
             except InvalidUpdate as err:
                 sent.rejected.append(f"{source} rejected: {err}")
                 continue
