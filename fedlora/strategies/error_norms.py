@@ -118,13 +118,14 @@ def averaging_error2(Bs: Sequence[np.ndarray], As: Sequence[np.ndarray], weights
     inner size (K − 1)r and its norm costs O((d + k)((K − 1)r)²) (:func:`difference_grams`).
     The ideal follows without another quadratic term: ‖ΔW*‖² = s²(‖B̄Ā‖² + ‖D‖² + 2⟨B̄Ā, D⟩).
     With float32 factors, B̄ rounded to float32 (ε·‖B̄‖) perturbs D by at most ε‖B̄‖·‖Ā − A_K‖:
-    a relative change of the ratio below 10⁻⁷ of the clients' spread.
+    a relative change of the ratio below 10⁻⁷ of the clients' spread; ‖B̄Ā‖² comes from the same
+    rounded averages, in float32 Grams (a relative change of the ideal's norm of order 10⁻⁷).
     """
-    base = gram_norm2(np.asarray(B_bar, dtype=np.float64), np.asarray(A_bar, dtype=np.float64))
-    if len(Bs) == 1:
-        return 0.0, scale**2 * base
     dtype = np.result_type(*Bs, *As)
     B_ref, A_ref = np.asarray(B_bar, dtype=dtype), np.asarray(A_bar, dtype=dtype)
+    base = gram_norm2(B_ref, A_ref)
+    if len(Bs) == 1:
+        return 0.0, scale**2 * base
     GB, CB = difference_grams(Bs[:-1], B_ref, [1.0] * (len(Bs) - 1), B_ref, "left")
     GA, CA = difference_grams(As[:-1], np.asarray(As[-1]), weights[:-1], A_ref, "right")
     error = max(float(np.sum(GB * GA)), 0.0)
