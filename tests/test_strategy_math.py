@@ -13,8 +13,8 @@ from fedlora.strategies.fedavg import math as fedavg_math
 from fedlora.strategies.fedsb import math as fedsb_math
 from fedlora.strategies.ffa import math as ffa_math
 from fedlora.strategies.common import (
-    MIN_SUM_BLOCK, SUM_BUFFER_BYTES, aggregate_extras, client_weights, concat_factors, stack_product, sum_block, svd_of_stack,
-    weighted_sum,
+    MIN_SUM_BLOCK, SUM_BUFFER_BYTES, aggregate_extras, client_weights, concat_factors, gram_basis, stack_product, sum_block,
+    svd_of_stack, weighted_sum,
 )
 from fedlora.strategies.error_norms import (
     averaging_error2, difference_grams, error_ratio, gram_inner, gram_norm2, rounding_error2, split_norms2, stack_norms2,
@@ -381,6 +381,25 @@ def test_svd_of_a_stack_of_mixed_ranks_from_grams_in_blocks_and_its_products(mon
     W = rng.standard_normal((sum(ranks), 3))
     np.testing.assert_allclose(stack_product(Bs, W, "left"), np.concatenate(Bs, axis=1) @ W, rtol=1e-12)
     np.testing.assert_allclose(stack_product(As, W.T, "right"), W.T @ np.concatenate(As, axis=0), rtol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["full rank", "repeated columns", "a zero factor"])
+def test_gram_basis_is_orthonormal_and_rebuilds_the_factor(case, monkeypatch):
+    rng = np.random.default_rng(17)
+    F = rng.standard_normal((40, 6))
+    if case == "repeated columns":  # a client that uploaded another's factor: rank 4 of 6
+        F[:, 4:] = F[:, :2]
+    if case == "a zero factor":  # FlexLoRA's first round: B = 0
+        F[:] = 0.0
+    eigh = np.linalg.eigh
+    routes = []
+    monkeypatch.setattr(np.linalg, "eigh", lambda g: routes.append("eigh") or eigh(g))
+    T, R = gram_basis(F.T @ F)
+    expected_rank = {"full rank": 6, "repeated columns": 4, "a zero factor": 0}[case]
+    assert T.shape == (6, expected_rank) and R.shape == (expected_rank, 6)
+    assert routes == ([] if case == "full rank" else ["eigh"]), "Cholesky for full rank, the eigen-route otherwise"
+    np.testing.assert_allclose((F @ T).T @ (F @ T), np.eye(expected_rank), atol=1e-12)
+    np.testing.assert_allclose((F @ T) @ R, F, atol=1e-12)
 
 
 def test_stack_product_reads_uploads_of_any_layout_and_precision_in_place():

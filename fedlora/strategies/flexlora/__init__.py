@@ -7,8 +7,9 @@ scales s_k = α / r_k, per module:
     global:    T_R(ΔW̄) = P_R Σ_R Q_Rᵀ                   (Eckart–Young: the best rank-R approximation)
     client k:  T_{r_k}(ΔW̄), its first r_k components
 
-The SVD is formed from the Σr_k×Σr_k Grams of the d×Σr_k and Σr_k×k factors (their
-eigendecompositions, then an SVD of the small core; :func:`fedlora.strategies.common.svd_of_stack`).
+The SVD is formed from the Σr_k×Σr_k Grams of the d×Σr_k and Σr_k×k factors (their Cholesky
+factors, or eigendecompositions where a factor lacks full numerical rank, then an SVD of the
+small core; :func:`fedlora.strategies.common.svd_of_stack`).
 The strategy is approximate: ``agg_error`` is the global truncation error
 ‖ΔW̄ − T_R(ΔW̄)‖_F / ‖ΔW̄‖_F, and ``client_truncation_error`` the p-weighted one of the
 clients' ranks, sqrt(Σ_k p_k ‖ΔW̄ − T_{r_k}(ΔW̄)‖²_F) / ‖ΔW̄‖_F.
