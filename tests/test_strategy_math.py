@@ -383,6 +383,22 @@ def test_svd_of_a_stack_of_mixed_ranks_from_grams_in_blocks_and_its_products(mon
     np.testing.assert_allclose(stack_product(As, W.T, "right"), W.T @ np.concatenate(As, axis=0), rtol=1e-12)
 
 
+def test_svd_of_stack_of_clients_that_started_from_one_adapter_matches_the_dense_svd():
+    """Clients' B_k = B₀ + a small update (the stacked columns nearly repeat: κ(U)² ~ 10⁷, the Cholesky route)."""
+    rng = np.random.default_rng(19)
+    B0, A0 = rng.standard_normal((60, 4)), rng.standard_normal((4, 50))
+    Bs = [B0 + 1e-3 * rng.standard_normal(B0.shape) for _ in range(5)]
+    As = [A0 + 1e-3 * rng.standard_normal(A0.shape) for _ in range(5)]
+    coefficients = list(_weights(5))
+    total = sum(c * B @ A for c, B, A in zip(coefficients, Bs, As))
+    P, sigma, Qt = svd_of_stack(Bs, As, coefficients, 4)
+    u, full_sigma, vt = np.linalg.svd(total)
+    np.testing.assert_allclose(sigma[:8], full_sigma[:8], rtol=0, atol=1e-10 * full_sigma[0])
+    np.testing.assert_allclose((P * sigma[:4]) @ Qt, (u[:, :4] * full_sigma[:4]) @ vt[:4], atol=1e-10 * full_sigma[0])
+    np.testing.assert_allclose(P.T @ P, np.eye(4), atol=1e-10)
+    np.testing.assert_allclose(Qt @ Qt.T, np.eye(4), atol=1e-10)
+
+
 @pytest.mark.parametrize("case", ["full rank", "repeated columns", "a zero factor"])
 def test_gram_basis_is_orthonormal_and_rebuilds_the_factor(case, monkeypatch):
     rng = np.random.default_rng(17)
