@@ -52,8 +52,8 @@ def num_examples_of(metrics: Mapping[str, object]) -> int:
 #: elements per block of :func:`validate_upload` (256 KiB of float32): a block and its difference stay in the L2 cache,
 #: and a q_proj-sized LoRA factor (4096 × 16) is one block
 BLOCK = 1 << 16
-#: the triangle inequality clears a tensor's RMS bound only below this fraction of it (float32 dot products are exact
-#: to far better than 0.1 %); a tensor nearer the bound has its own squares summed
+#: the triangle inequality clears a tensor's RMS bound only below this fraction of it (the rounding of float32 dot
+#: products of these sizes is far below 0.1 %); a tensor nearer the bound has its own squares summed
 CLEARED = 0.999
 
 
@@ -121,9 +121,10 @@ def validate_upload(state: Mapping[str, np.ndarray], expected: Mapping[str, tupl
         else:
             differences = 0.0
             for start in range(0, flat.size, BLOCK):
-                delta = np.subtract(flat[start:start + BLOCK], ref_flat[start:start + BLOCK], out=buffer[: min(BLOCK, flat.size - start)])
+                block = flat[start:start + BLOCK]
+                delta = np.subtract(block, ref_flat[start:start + BLOCK], out=buffer[: block.size])
                 differences += float(np.dot(delta, delta))
-            bound = (np.sqrt(reference.norm2(key, ref_flat)) + np.sqrt(differences)) ** 2  # ≥ ‖x‖² (triangle inequality)
+            bound = (np.sqrt(reference.norm2(key, ref_flat)) + np.sqrt(differences)) ** 2  # ≥ ‖x‖²: triangle inequality
             own = bound if np.isfinite(bound) and bound <= CLEARED * limit2 else squares(flat)
         if not np.isfinite(own):
             bad = int(flat.size - np.count_nonzero(np.isfinite(flat)))
