@@ -67,7 +67,7 @@ def test_sparsity_weights_take_the_grams_they_are_given_and_make_the_missing_one
     np.testing.assert_array_equal(sparsity_weights(Bs, As, scales, p, grams), made)
     np.testing.assert_array_equal(sparsity_weights(Bs, As, scales, p, [(None, None), grams[1], (grams[2][0], None)]), made)
     doubled = [(4 * grams[0][0], grams[0][1]), *grams[1:]]  # as if B_0 were twice as large: its norm doubles
-    raw = p * np.array([2, 1, 1]) * made / p
+    raw = made * np.array([2.0, 1.0, 1.0])
     np.testing.assert_allclose(sparsity_weights(Bs, As, scales, p, doubled), raw / raw.sum(), rtol=1e-6)
 
 

@@ -62,11 +62,6 @@ def stack_blocks(factors: Sequence[np.ndarray], side: str, dtype: DTypeLike,
         yield rows, block
 
 
-def gram_inner(Ua: np.ndarray, Va: np.ndarray, Ub: np.ndarray, Vb: np.ndarray) -> float:
-    """⟨Ua·Va, Ub·Vb⟩_F = Σ_ij (Uaᵀ Ub)_ij (Va Vbᵀ)_ij: O((d + k)·m_a·m_b) for inner sizes m_a, m_b."""
-    return float(np.sum((Ua.T @ Ub) * (Va @ Vb.T), dtype=np.float64))
-
-
 def factor_gram(factor: np.ndarray, side: str) -> np.ndarray:
     """FᵀF of a left factor F (n×m, ``side = "left"``) or FFᵀ of a right one (m×n), m×m in F's precision
     (numpy's matmul of an array with its own transpose runs BLAS syrk)."""
@@ -102,7 +97,7 @@ def difference_grams(factors: Sequence[np.ndarray], reference: np.ndarray | None
     cross = None if probe is None else np.zeros((probe.shape[1 if left else 0], m))
     probe = None if probe is None else np.asarray(probe, dtype=dtype)
     for rows, block in stack_blocks(factors, side, dtype, reference):
-        gram += block.T @ block if left else block @ block.T
+        gram += factor_gram(block, side)
         if probe is not None:
             cross += probe[rows].T @ block if left else probe[:, rows] @ block.T
     scale = np.repeat(np.asarray(coefficients, dtype=np.float64), sizes)
